@@ -1,0 +1,23 @@
+# radial: residual profiling, layer routing and evaluation of dynamic-depth LLMs.
+# Stages live in workflow/rules/<stage>.smk; the code they run is src/radial/<stage>.py.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base_model.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report/report.md",
+        "results/report/table.csv",
+    default_target: True

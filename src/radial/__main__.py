@@ -1,0 +1,53 @@
+"""`python -m radial <stage> ...`: every workflow stage runs without Snakemake.
+
+Each stage module exposes `add_arguments(parser)` and `main(args)`. Only the chosen stage is
+imported, so `--help` is fast and a stage pays only for its own heavy imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from radial import __version__
+from radial.utils import RadialError
+
+STAGES = {
+    "data": ("radial.data", "normalize benchmark files (ARC, GSM8K, MMLU) and build the synthetic task"),
+    "base-model": ("radial.base_model", "build and pre-train the embedded tiny model, or fetch a Hub/local model"),
+    "profile": ("radial.profile", "residual profiling: residual ratio, block influence, cosine per layer and token"),
+    "evaluate": ("radial.evaluate", "evaluate one model variant on one task with the stock lm-evaluation-harness"),
+    "report": ("radial.report", "collect evaluations and profiling plots into report.md and table.csv"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radial", description="radial: pipeline for dynamic-depth LLMs.")
+    parser.add_argument("--version", action="version", version=f"radial {__version__}")
+    stages = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for stage, (_, help_text) in STAGES.items():
+        stages.add_parser(stage, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in STAGES:
+        _top_level_parser().parse_args(argv)  # prints help, version or a usage error, then exits
+        return 2
+    stage, rest = argv[0], argv[1:]
+    module_name, help_text = STAGES[stage]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"radial {stage}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except RadialError as err:
+        print(f"radial {stage}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Report stage: every evaluated variant x task in one table, with the profiling plots.
+
+Reads the evaluation JSONs written by `radial evaluate`, the profiling folder and the base
+model's `radial_base.json`; writes `report.md`, `table.csv` and copies of the plots beside them,
+and logs the table to wandb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from radial import tracking
+from radial.utils import RadialError, add_common_arguments, atomic_path
+
+TABLE_COLUMNS = [
+    "variant",
+    "task",
+    "metric",
+    "accuracy",
+    "accuracy_stderr",
+    "avg_executed_layers",
+    "num_layers",
+    "wall_time_s",
+    "speedup_vs_dense",
+    "n_examples",
+]
+REQUIRED_FIELDS = ("variant", "task", "metric", "accuracy", "avg_executed_layers", "num_layers", "wall_time_s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--evaluations", nargs="+", required=True, help="evaluation JSON files")
+    parser.add_argument("--profile", type=Path, help="profiling output folder (plots and summary.json)")
+    parser.add_argument("--base-model", type=Path, help="base model folder (radial_base.json, loss.png)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and table.csv go")
+    add_common_arguments(parser)
+
+
+def load_evaluations(paths: list[str | Path]) -> list[dict]:
+    evaluations = []
+    for path in paths:
+        try:
+            evaluation = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise RadialError(f"evaluation file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise RadialError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        missing = [field for field in REQUIRED_FIELDS if field not in evaluation]
+        if missing:
+            raise RadialError(f"{path}: evaluation lacks {', '.join(missing)}")
+        evaluations.append(evaluation)
+    return evaluations
+
+
+def build_table(evaluations: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame([{c: e.get(c) for c in TABLE_COLUMNS if c != "speedup_vs_dense"} for e in evaluations])
+    dense_time = table[table.variant == "dense"].set_index("task").wall_time_s
+    table["speedup_vs_dense"] = [
+        dense_time[task] / time if task in dense_time and time else None
+        for task, time in zip(table.task, table.wall_time_s)
+    ]
+    return table[TABLE_COLUMNS].sort_values(["task", "variant"]).reset_index(drop=True)
+
+
+def subtask_table(evaluations: list[dict]) -> pd.DataFrame:
+    rows = [
+        {"variant": e["variant"], "task": e["task"], "subtask": name, "accuracy": accuracy}
+        for e in evaluations
+        for name, accuracy in sorted((e.get("subtasks") or {}).items())
+    ]
+    return pd.DataFrame(rows, columns=["variant", "task", "subtask", "accuracy"])
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "–"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def render(
+    run_name: str,
+    table: pd.DataFrame,
+    subtasks: pd.DataFrame,
+    base_info: dict | None,
+    profile_summary: dict | None,
+    images: dict[str, str],
+) -> str:
+    lines = [f"# radial report: {run_name}", ""]
+    if base_info:
+        lines += [
+            "## Base model",
+            "",
+            f"- source: `{base_info.get('source')}`, {base_info.get('num_layers')} layers, "
+            f"{base_info.get('num_parameters', 0):,} parameters",
+        ]
+        if base_info.get("synthetic_accuracy"):
+            levels = ", ".join(f"L{k}: {v:.2f}" for k, v in sorted(base_info["synthetic_accuracy"].items()))
+            lines.append(f"- synthetic accuracy after pre-training by level ({levels}); chance {base_info.get('chance')}")
+        if "loss" in images:
+            lines += ["", f"![pre-training loss]({images['loss']})"]
+        lines.append("")
+    lines += [
+        "## Results",
+        "",
+        "Accuracy is lm-eval's headline metric for the task; layers are decoder layers executed per forward "
+        "pass on average; wall time is the evaluation alone (model loading excluded); speedup is the dense wall "
+        "time over the variant's on the same task.",
+        "",
+        _markdown(table),
+        "",
+    ]
+    if not subtasks.empty:
+        lines += ["### By subtask (synthetic levels, MMLU subjects)", "", _markdown(subtasks), ""]
+    if profile_summary or images.keys() & {"heatmap", "layers"}:
+        lines += ["## Residual profile", ""]
+        if profile_summary:
+            lines.append(
+                f"{profile_summary.get('n_examples')} calibration examples, {profile_summary.get('n_tokens')} tokens."
+            )
+            lines.append("")
+        for key, title in (("layers", "per-layer statistics"), ("heatmap", "residual ratio by layer and position")):
+            if key in images:
+                lines += [f"![{title}]({images[key]})", ""]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    evaluations = load_evaluations(args.evaluations)
+    table = build_table(evaluations)
+    subtasks = subtask_table(evaluations)
+
+    base_info = None
+    if args.base_model and (args.base_model / "radial_base.json").exists():
+        base_info = json.loads((args.base_model / "radial_base.json").read_text())
+    profile_summary = None
+    if args.profile and (args.profile / "summary.json").exists():
+        profile_summary = json.loads((args.profile / "summary.json").read_text())
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "loss": args.base_model / "loss.png" if args.base_model else None,
+        "heatmap": args.profile / "heatmap.png" if args.profile else None,
+        "layers": args.profile / "layers.png" if args.profile else None,
+    }
+    images = {}
+    for key, source in sources.items():
+        if source is not None and source.exists():
+            with atomic_path(args.out_dir / f"{key}.png") as tmp:
+                shutil.copyfile(source, tmp)
+            images[key] = f"{key}.png"
+
+    with atomic_path(args.out_dir / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(args.out_dir / "report.md") as tmp:
+        tmp.write_text(render(args.run_name, table, subtasks, base_info, profile_summary, images))
+
+    with tracking.stage_run("report", args) as run:
+        import wandb
+
+        run.log({"results": wandb.Table(dataframe=table)})
+        if not subtasks.empty:
+            run.log({"subtasks": wandb.Table(dataframe=subtasks)})
+        for key in images:
+            tracking.log_image(run, key, args.out_dir / images[key])
+        tracking.log_artifact(run, f"report-{args.run_name}", "report", [args.out_dir / "report.md", args.out_dir / "table.csv"])
+    print(f"wrote {args.out_dir / 'report.md'} ({len(table)} rows)")
+    return 0

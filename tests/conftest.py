@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random decoder models (Llama, Qwen2, Mistral) with a local tokenizer.
+
+Nothing here touches the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RADIAL_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+_TOKENIZER_TEXTS = [
+    "3+5-2=6\n7+4-9+2=4\n",
+    "Question: Which gas do plants take in?\nAnswer: carbon dioxide\n",
+    "A. water B. oxygen C. sand D. iron\n#### 42\n",
+] * 20
+
+
+def make_tokenizer():
+    from radial.tokenizer import train_tokenizer
+
+    return train_tokenizer(_TOKENIZER_TEXTS, vocab_size=320)
+
+
+def make_tiny_model(arch: str, num_layers: int = 4, vocab_size: int = 320, seed: int = 0):
+    """A random tiny causal LM of the given architecture, float32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny random model folder (HF format, with tokenizer), one per architecture."""
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    make_tiny_model(request.param).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama").save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The local copy of the original benchmark files (../shared/data). Required, never skipped."""
+    assert SHARED_DATA.is_dir(), f"benchmark files not found at {SHARED_DATA}; set RADIAL_SHARED_DATA"
+    return SHARED_DATA
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (the full suite, as CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --slow, slow tests are deselected (reported as such), never silently passed."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]

@@ -1,0 +1,72 @@
+"""The config schema: every key described with a default; bad configs stop with one clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+from radial.config import describe_validation_error
+
+SCHEMA = yaml.safe_load((PROJECT_ROOT / "workflow/schemas/config.schema.yaml").read_text())
+
+
+def _walk(schema, path=""):
+    for key, sub in schema.get("properties", {}).items():
+        yield f"{path}{key}", sub
+        yield from _walk(sub, f"{path}{key}.")
+
+
+def test_every_key_has_description_and_default():
+    keys = list(_walk(SCHEMA))
+    assert len(keys) > 30
+    for key, sub in keys:
+        assert sub.get("description"), f"{key} has no description"
+        assert "default" in sub, f"{key} has no default"
+
+
+@pytest.mark.parametrize("config_file", ["config.yaml", "tests/workflow/config.yaml", "configs/llama-3.2-3b.yaml", "configs/qwen2.5-3b.yaml"])
+def test_shipped_configs_validate(config_file):
+    config = yaml.safe_load((PROJECT_ROOT / config_file).read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(config)
+
+
+def _first_error(config):
+    return describe_validation_error(jsonschema.Draft202012Validator(SCHEMA).iter_errors(config).__next__())
+
+
+def test_unknown_key_is_named():
+    message = _first_error({"evaluate": {"limt": 3}})
+    assert "evaluate.limt" in message and "unknown" in message
+
+
+def test_bad_value_is_named():
+    message = _first_error({"model": {"embedded": {"layers": 0}}})
+    assert "model.embedded.layers" in message
+
+
+def _dry_run(tmp_path, config: dict) -> subprocess.CompletedProcess:
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(config_file),
+         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile")],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_snakemake_stops_on_unknown_key_with_one_message(tmp_path):
+    result = _dry_run(tmp_path, {"evaluate": {"batch_sise": 4}})
+    assert result.returncode != 0
+    assert "unknown config key 'evaluate.batch_sise'" in result.stderr + result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def test_snakemake_stops_on_bad_value_with_one_message(tmp_path):
+    result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy", "hellaswag"]}})
+    assert result.returncode != 0
+    assert "invalid config key 'evaluate.tasks.1'" in result.stderr + result.stdout

@@ -1,0 +1,49 @@
+"""The Snakemake workflow itself: lint-clean, and the tiny config runs end to end, then is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import PROJECT_ROOT
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(PROJECT_ROOT / "Snakefile")]
+TINY_CONFIG = str(PROJECT_ROOT / "tests/workflow/config.yaml")
+
+
+@pytest.mark.slow
+def test_lint_is_clean():
+    result = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_tiny_workflow_end_to_end(tmp_path):
+    run = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", TINY_CONFIG]
+    result = subprocess.run([*run, "--cores", "2"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    report = tmp_path / "results/report"
+    table = pd.read_csv(report / "table.csv")
+    assert sorted(table.task) == sorted(["arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic"])
+    assert (table.variant == "dense").all()
+    assert table.accuracy.between(0, 1).all()
+    assert (table.avg_executed_layers == 4).all()  # the tiny config's 4 dense layers
+    assert (table.wall_time_s > 0).all()
+    markdown = (report / "report.md").read_text()
+    assert "![residual ratio by layer and position](heatmap.png)" in markdown
+    assert (report / "heatmap.png").stat().st_size > 0
+
+    base = json.loads((tmp_path / "results/models/dense/radial_base.json").read_text())
+    assert base["num_layers"] == 4 and len(base["synthetic_accuracy"]) == 5
+    for stage_log in ("logs/base_model.log", "logs/profile.log", "logs/report.log"):
+        assert (tmp_path / stage_log).exists()
+
+    # A second run has nothing to do: every output is cached and up to date.
+    again = subprocess.run([*run, "--cores", "2", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,0 +1,20 @@
+rule evaluate:
+    input:
+        model=variant_model,
+        data="results/data/{task}",
+    output:
+        "results/eval/{variant}/{task}.json",
+    log:
+        "logs/evaluate/{variant}/{task}.log",
+    benchmark:
+        "benchmarks/evaluate/{variant}/{task}.tsv"
+    params:
+        num_fewshot=lambda wildcards: config["evaluate"]["num_fewshot"][wildcards.task],
+        flags=cli_flags({k: config["evaluate"][k] for k in ("limit", "batch_size", "max_gen_toks", "device")}),
+        common=common_flags(),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
+        " --data-dir results/data --num-fewshot {params.num_fewshot} --out {output}"
+        " {params.flags} {params.common} > {log} 2>&1"

@@ -1,0 +1,19 @@
+rule profile:
+    input:
+        model="results/models/dense",
+        data=f"results/data/{config['profile']['task']}",
+    output:
+        directory("results/profile"),
+    log:
+        "logs/profile.log",
+    benchmark:
+        "benchmarks/profile.tsv"
+    params:
+        split=config["profile"]["split"],
+        flags=cli_flags({k: v for k, v in config["profile"].items() if k not in ("task", "split")}),
+        common=common_flags(),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m radial profile --model {input.model} --data {input.data}/{params.split}.jsonl --out {output}"
+        " {params.flags} {params.common} > {log} 2>&1"
