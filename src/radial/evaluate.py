@@ -1,0 +1,301 @@
+"""Evaluate one model variant on one task with the stock lm-evaluation-harness.
+
+    python -m radial evaluate --model DIR --variant NAME --task TASK --data-dir DATA --out FILE.json
+
+The model is loaded once with transformers and handed to lm-eval as an already-built model
+(`HFLM(pretrained=model)`), so a routed or pruned model is evaluated through its own forward,
+in generation too. Tasks are radial's lm-eval YAMLs over the normalized data (see
+radial.eval_tasks); `lm_eval --include_path` on the same YAMLs gives the same numbers.
+
+Besides lm-eval's metrics we record how deep the model actually ran: the mean number of decoder
+layers executed per model forward, counted with hooks on the decoder layers (a dense model runs
+all of them), or reported by the model itself through `radial_executed_layers()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radial import eval_tasks
+from radial.utils import RadialError, add_common_arguments, seed_everything, write_json
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    lm_eval_name: str  # task or group name in radial's lm-eval YAMLs
+    metric: str  # headline metric as lm-eval keys it: "<metric>,<filter>"
+    generates: bool  # generate_until (needs room for max_gen_toks in the context window)
+
+
+TASK_SPECS = {
+    "arc_easy": TaskSpec("radial_arc_easy", "acc,none", False),
+    "arc_challenge": TaskSpec("radial_arc_challenge", "acc,none", False),
+    "gsm8k": TaskSpec("radial_gsm8k", "exact_match,flexible-extract", True),
+    "mmlu": TaskSpec("radial_mmlu", "acc,none", False),
+    "synthetic": TaskSpec("radial_synthetic", "exact_match,none", True),
+}
+LM_EVAL_DEFAULT_MAX_GEN_TOKS = 256  # HFLM.max_gen_toks
+_SAMPLE_KEYS = ("doc_id", "filter", "prompt_hash", "target", "resps", "filtered_resps")  # kept by --log-samples
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model folder (HF format, with tokenizer)")
+    parser.add_argument("--variant", required=True, help="name of the model variant, e.g. dense, routed, shortgpt")
+    parser.add_argument("--task", required=True, choices=sorted(TASK_SPECS), help="task to evaluate on")
+    parser.add_argument("--data-dir", required=True, type=Path, help="normalized data folder (data stage output)")
+    parser.add_argument("--out", required=True, type=Path, help="evaluation JSON to write")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per lm-eval task")
+    parser.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, as in lm-eval)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--max-gen-toks",
+        type=int,
+        default=None,
+        help=f"max new tokens in generation tasks (default: the task's, else lm-eval's {LM_EVAL_DEFAULT_MAX_GEN_TOKS})",
+    )
+    parser.add_argument(
+        "--log-samples", action="store_true", help="also store each example's prompt hash, responses and score"
+    )
+    add_common_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from radial import tracking
+
+    spec = TASK_SPECS[args.task]
+    with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
+        seed_everything(args.seed)
+        eval_tasks.materialize(args.data_dir, tasks_dir, [args.task])  # bad data fails before a long model load
+        model, tokenizer = load_model(args.model, args.device)
+        gen_kwargs = generation_overrides(args.task, args.max_gen_toks, _context_length(model, tokenizer))
+        with LayerCounter(model) as counter:
+            start = time.perf_counter()
+            results = run_lm_eval(
+                model,
+                tokenizer,
+                spec.lm_eval_name,
+                tasks_dir,
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size,
+                gen_kwargs=gen_kwargs,
+                seed=args.seed,
+                log_samples=args.log_samples,
+            )
+            wall_time_s = time.perf_counter() - start
+        evaluation = summarize(results, spec, args, model, counter, wall_time_s)
+        write_json(args.out, evaluation)
+        print(
+            f"{args.variant} on {args.task}: {evaluation['metric']} = {evaluation['accuracy']:.4f} "
+            f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s)"
+        )
+
+        metrics = {
+            "accuracy": evaluation["accuracy"],
+            "avg_executed_layers": evaluation["avg_executed_layers"],
+            "wall_time_s": wall_time_s,
+            "n_examples": evaluation["n_examples"],
+        }
+        metrics |= {f"subtasks/{name}": value for name, value in evaluation["subtasks"].items()}
+        run.log(metrics)
+        run.summary.update(metrics)
+        tracking.log_artifact(run, f"evaluation-{args.variant}-{args.task}", "evaluation", [args.out])
+    return 0
+
+
+def load_model(model_dir: Path, device: str = "cpu"):
+    """The model (float32, eval mode, on `device`) and its tokenizer from a saved HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise RadialError(f"model folder {model_dir} not found or has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.eos_token_id is None:
+        raise RadialError(f"{model_dir}: the tokenizer has no eos token, which lm-eval needs to stop generation")
+    return model, tokenizer
+
+
+def generation_overrides(task: str, max_gen_toks: int | None, context_length: int) -> dict[str, Any] | None:
+    """lm-eval `gen_kwargs` for --max-gen-toks; a clear error where lm-eval's would be an assert."""
+    if not TASK_SPECS[task].generates:
+        return None
+    if max_gen_toks is not None:
+        requested = max_gen_toks
+    else:
+        template = eval_tasks.load_template(task)
+        requested = template.get("generation_kwargs", {}).get("max_gen_toks", LM_EVAL_DEFAULT_MAX_GEN_TOKS)
+    if requested >= context_length:
+        raise RadialError(
+            f"the model's context is {context_length} tokens, too short to generate {requested} tokens "
+            f"for {task}: pass --max-gen-toks below {context_length}"
+        )
+    return None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    lm_eval_task: str,
+    tasks_dir: str | Path,
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    gen_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate` on a loaded model over the materialized tasks in `tasks_dir`."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # Our YAMLs stand alone, so skip indexing lm-eval's thousands of built-in task files.
+    task_manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[lm_eval_task],
+        task_manager=task_manager,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        gen_kwargs=gen_kwargs,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+class LayerCounter:
+    """Counts decoder-layer executions per model forward while active (a context manager).
+
+    Forward pre-hooks on the model and on each decoder layer; a layer a routed model skips is
+    not called, one it repeats is called twice. Models that count for themselves (routed models)
+    expose `radial_executed_layers()` instead, which `average_executed_layers` prefers.
+    """
+
+    def __init__(self, model) -> None:
+        from radial.layers import find_decoder_layers
+
+        self.model = model
+        self.layers = find_decoder_layers(model)
+        self.forward_calls = 0
+        self.layer_calls = 0
+        self._handles: list = []
+
+    def __enter__(self) -> "LayerCounter":
+        self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_pre_hook(self._count_layer))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _count_forward(self, module, args) -> None:
+        self.forward_calls += 1
+
+    def _count_layer(self, module, args) -> None:
+        self.layer_calls += 1
+
+    @property
+    def mean_layers_per_forward(self) -> float:
+        return self.layer_calls / self.forward_calls if self.forward_calls else float("nan")
+
+
+def average_executed_layers(model, counter: LayerCounter) -> float:
+    """Mean decoder layers executed per forward: the model's own count if it keeps one, else the hooks'."""
+    if callable(getattr(model, "radial_executed_layers", None)):
+        return float(model.radial_executed_layers())
+    return counter.mean_layers_per_forward
+
+
+def summarize(
+    results: dict[str, Any], spec: TaskSpec, args: argparse.Namespace, model, counter: LayerCounter, wall_time_s: float
+) -> dict[str, Any]:
+    """The evaluation record written to --out."""
+    headline = results["results"][spec.lm_eval_name]
+    metric, metric_filter = spec.metric.split(",")
+    leaf_tasks = list(results["n-samples"])
+    subtasks = {}
+    if leaf_tasks != [spec.lm_eval_name]:  # mmlu subjects, synthetic levels
+        prefix = spec.lm_eval_name + "_"
+        subtasks = {name.removeprefix(prefix): results["results"][name][spec.metric] for name in sorted(leaf_tasks)}
+    evaluation = {
+        "variant": args.variant,
+        "task": args.task,
+        "model": str(args.model),
+        "metric": metric if metric_filter == "none" else spec.metric,
+        "accuracy": float(headline[spec.metric]),
+        "accuracy_stderr": _finite_or_none(headline.get(f"{metric}_stderr,{metric_filter}")),
+        "avg_executed_layers": average_executed_layers(model, counter),
+        "num_layers": len(counter.layers),
+        "wall_time_s": wall_time_s,
+        "n_examples": sum(int(n["effective"]) for n in results["n-samples"].values()),
+        "num_fewshot": results.get("n-shot", {}).get(leaf_tasks[0]),
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "subtasks": subtasks,
+        "lm_eval": _jsonable({key: results.get(key, {}) for key in ("results", "groups", "n-samples", "configs")}),
+    }
+    if "samples" in results:
+        evaluation["samples"] = _jsonable(
+            {
+                task: [
+                    {key: sample[key] for key in _SAMPLE_KEYS} | {m: sample[m] for m in sample["metrics"]}
+                    for sample in samples
+                ]
+                for task, samples in results["samples"].items()
+            }
+        )
+    return evaluation
+
+
+def _context_length(model, tokenizer) -> int:
+    from lm_eval.models.utils import resolve_max_length
+
+    return resolve_max_length(model.config, tokenizer)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" where it has no stderr
+    return value if math.isfinite(value) else None
+
+
+_DROP = object()
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values only: numpy scalars become numbers, NaN/inf become null, other objects are dropped."""
+    if isinstance(obj, dict):
+        items = ((str(k), _jsonable(v)) for k, v in obj.items())
+        return {k: v for k, v in items if v is not _DROP}
+    if isinstance(obj, (list, tuple)):
+        return [v for v in map(_jsonable, obj) if v is not _DROP]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return _DROP
