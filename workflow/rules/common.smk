@@ -51,7 +51,10 @@ def common_flags():
 
 def data_flags(wildcards):
     if wildcards.task == "synthetic":
-        return cli_flags({f"synthetic_{k}": v for k, v in config["data"]["synthetic"].items()})
+        synthetic = config["data"]["synthetic"]
+        return cli_flags(
+            {"synthetic_train": synthetic["train"], "synthetic_test": synthetic["test"], "levels": synthetic["levels"]}
+        )
     local_dir = project_path(config["data"]["local_dir"])
     return cli_flags({"local_dir": local_dir, "hub_timeout": config["data"]["hub_timeout"]})
 
