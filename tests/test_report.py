@@ -51,15 +51,19 @@ def test_incomplete_evaluation_names_the_file(tmp_path):
 def test_report_cli_writes_markdown_and_csv(tmp_path):
     paths = _write(tmp_path, [
         _evaluation("dense", "arc_easy", 0.31, 12, 3.0),
-        _evaluation("dense", "synthetic", 0.7, 12, 2.0, {"level_1": 0.95, "level_5": 0.4}),
+        _evaluation("dense", "synthetic", 0.7, 12, 2.0, {"level1": 0.95, "level5": 0.4}),
+        _evaluation("dense", "mmlu", 0.26, 12, 9.0, {"anatomy": 0.3, "virology": 0.2}),
     ])
     out = tmp_path / "report"
     subprocess.run([sys.executable, "-m", "radial", "report", "--evaluations", *paths, "--out-dir", str(out),
                     "--run-name", "unit"], check=True, capture_output=True)
     table = pd.read_csv(out / "table.csv")
-    assert list(table.task) == ["arc_easy", "synthetic"]
-    assert table.accuracy.tolist() == [0.31, 0.7]
+    assert list(table.task) == ["arc_easy", "mmlu", "synthetic"]
+    assert table.accuracy.tolist() == [0.31, 0.26, 0.7]
     report = (out / "report.md").read_text()
     assert "# radial report: unit" in report
     assert "| dense | arc_easy | acc | 0.310 |" in report
-    assert "level_5" in report
+    assert "| variant | level1 | level5 |" in report and "| dense | 0.950 | 0.400 |" in report
+    assert "virology" not in report  # MMLU subjects go to subtasks.csv, not the page
+    subtasks = pd.read_csv(out / "subtasks.csv")
+    assert set(subtasks.subtask) == {"level1", "level5", "anatomy", "virology"}

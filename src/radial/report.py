@@ -1,7 +1,8 @@
 """Report stage: every evaluated variant x task in one table, with the profiling plots.
 
 Reads the evaluation JSONs written by `radial evaluate`, the profiling folder and the base
-model's `radial_base.json`; writes `report.md`, `table.csv` and copies of the plots beside them,
+model's `radial_base.json`; writes `report.md`, `table.csv`, `subtasks.csv` (synthetic levels,
+MMLU subjects) and copies of the plots beside them,
 and logs the table to wandb.
 """
 
@@ -120,8 +121,12 @@ def render(
         _markdown(table),
         "",
     ]
-    if not subtasks.empty:
-        lines += ["### By subtask (synthetic levels, MMLU subjects)", "", _markdown(subtasks), ""]
+    levels = subtasks[subtasks.task == "synthetic"]
+    if not levels.empty:
+        wide = levels.pivot(index="variant", columns="subtask", values="accuracy").reset_index()
+        lines += ["### Synthetic task by difficulty level", "", _markdown(wide), ""]
+    if (subtasks.task != "synthetic").any():
+        lines += ["Per-subject accuracy (MMLU) is in `subtasks.csv`.", ""]
     if profile_summary or images.keys() & {"heatmap", "layers"}:
         lines += ["## Residual profile", ""]
         if profile_summary:
@@ -162,6 +167,8 @@ def main(args: argparse.Namespace) -> int:
 
     with atomic_path(args.out_dir / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
+    with atomic_path(args.out_dir / "subtasks.csv") as tmp:
+        subtasks.to_csv(tmp, index=False)
     with atomic_path(args.out_dir / "report.md") as tmp:
         tmp.write_text(render(args.run_name, table, subtasks, base_info, profile_summary, images))
 
