@@ -1,0 +1,216 @@
+"""The base model stage: the embedded tiny Llama end to end, determinism, copying a local model, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from radial.__main__ import main as radial_main
+from radial.base_model import greedy_answers, pack_examples, training_batches
+
+# Small enough to train in a few seconds; the stage's own defaults take minutes.
+QUICK_FLAGS = [
+    "--layers", "4", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "300",
+    "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
+    "--eval-examples-per-level", "20",
+]  # fmt: skip
+
+
+def synthetic_row(rng: random.Random, level: int, split: str, index: int) -> dict:
+    """One row of the synthetic task in the shared schema: k+1 digits joined by + and -, answer mod 10."""
+    digits = [rng.randrange(10) for _ in range(level + 1)]
+    question, total = str(digits[0]), digits[0]
+    for digit in digits[1:]:
+        operator = rng.choice("+-")
+        question += f"{operator}{digit}"
+        total = total + digit if operator == "+" else total - digit
+    return {
+        "id": f"synthetic/{split}/{index}",
+        "task": "synthetic",
+        "split": split,
+        "question": question + "=",
+        "choices": [],
+        "labels": [],
+        "answer": str(total % 10),
+        "level": level,
+    }
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Synthetic train/test (levels 1-5) plus a few ARC-style train rows to mix in."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    for split, per_level in (("train", 300), ("test", 20)):
+        rows = [synthetic_row(rng, level, split, i) for level in range(1, 6) for i in range(per_level)]
+        write_rows(root / "synthetic" / f"{split}.jsonl", rows)
+    arc = [
+        {"id": f"arc/{i}", "task": "arc_easy", "split": "train", "question": f"Which gas do plants take in, {i}?",
+         "choices": ["oxygen", "carbon dioxide", "sand", "iron"], "labels": ["A", "B", "C", "D"], "answer": 1}
+        for i in range(20)
+    ]  # fmt: skip
+    write_rows(root / "arc_easy" / "train.jsonl", arc)
+    return root
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "radial", "base-model", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("embedded") / "base"
+    result = run_cli("--out", str(out), "--data-dir", str(data_dir), "--steps", "40", *QUICK_FLAGS)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_embedded_model_reloads_as_requested_llama(embedded_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 64
+    assert (embedded_dir / "model.safetensors").is_file()
+    assert model.config.vocab_size == len(tokenizer)
+    # Digits are single tokens and the prompt carries no BOS, as lm-eval will feed it.
+    assert tokenizer.convert_ids_to_tokens(tokenizer("7+4-9=")["input_ids"]) == ["7", "+", "4", "-", "9", "="]
+
+
+def test_embedded_summary_and_loss_curve(embedded_dir):
+    summary = json.loads((embedded_dir / "radial_base.json").read_text())
+    assert summary["source"] == "embedded"
+    assert summary["num_layers"] == 4
+    assert summary["num_parameters"] > 0
+    assert summary["chance"] == 0.1
+    train = summary["train"]
+    assert train["steps"] == 40 and train["tokens_seen"] > 0 and train["wall_time_s"] > 0
+    assert train["final_loss"] < train["initial_loss"]
+    assert set(summary["synthetic_accuracy"]) == {"1", "2", "3", "4", "5"}
+    assert all(0.0 <= value <= 1.0 for value in summary["synthetic_accuracy"].values())
+    assert summary["config"]["layers"] == 4 and summary["config"]["steps"] == 40
+    assert (embedded_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not list(embedded_dir.parent.glob(".base.*")), "temporary folder left behind"
+
+
+def test_left_padded_batches_answer_like_single_prompts(embedded_dir, data_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    prompts = ["3+5=", "7+4-9+2=", "1-8+0-2+6-4=", "9=", "2+2-2="]
+    batched = greedy_answers(model, tokenizer, prompts, max_new_tokens=3, batch_size=len(prompts))
+    one_by_one = [greedy_answers(model, tokenizer, [prompt], max_new_tokens=3)[0] for prompt in prompts]
+    assert batched == one_by_one
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path, data_dir):
+    def weights(out: Path, seed: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        flags = ["--data-dir", str(data_dir), "--steps", "3", "--eval-examples-per-level", "1", "--seed", str(seed)]
+        assert radial_main(["base-model", "--out", str(out), *QUICK_FLAGS, *flags]) == 0
+        return load_file(out / "model.safetensors")
+
+    first, second, other_seed = weights(tmp_path / "a", 1), weights(tmp_path / "b", 1), weights(tmp_path / "c", 2)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], other_seed[name]) for name in first)
+
+
+def test_local_model_is_copied_exactly(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "base"
+    assert radial_main(["base-model", "--out", str(out), "--name-or-path", str(tiny_llama_dir)]) == 0
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    copy = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    input_ids = tokenizer("Question: Which gas do plants take in?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(original(input_ids).logits, copy(input_ids).logits)
+    summary = json.loads((out / "radial_base.json").read_text())
+    assert summary["source"] == str(tiny_llama_dir)
+    assert summary["num_layers"] == 4 and summary["train"] is None and summary["synthetic_accuracy"] == {}
+
+
+def test_missing_local_model_names_the_config_key(tmp_path, capsys):
+    out = tmp_path / "base"
+    missing = tmp_path / "no-such-model"
+    assert radial_main(["base-model", "--out", str(out), "--name-or-path", str(missing)]) == 2
+    error = capsys.readouterr().err
+    assert "model.name_or_path" in error and str(missing) in error
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_offline_fails_fast(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "base"
+    start = time.perf_counter()
+    assert radial_main(["base-model", "--out", str(out), "--name-or-path", "radial-test/no-such-model"]) == 2
+    assert time.perf_counter() - start < 10
+    error = capsys.readouterr().err
+    assert "model.name_or_path" in error and "radial-test/no-such-model" in error and "HF_HUB_OFFLINE" in error
+    assert not out.exists()
+
+
+def test_embedded_model_needs_the_synthetic_train_split(tmp_path, capsys):
+    assert radial_main(["base-model", "--out", str(tmp_path / "base"), "--data-dir", str(tmp_path)]) == 2
+    assert str(tmp_path / "synthetic" / "train.jsonl") in capsys.readouterr().err
+
+
+def test_packed_sequences_start_at_example_boundaries():
+    examples = [[i] * length for i, length in enumerate([3, 5, 2, 7, 4, 6, 1, 12])]
+    stream = pack_examples(examples, seq_len=10, rng=random.Random(0))
+    sequences = [next(stream) for _ in range(20)]
+    for sequence in sequences:
+        assert 0 < len(sequence) <= 10
+        position = 0
+        while position < len(sequence):  # walk whole examples; the 12-long one is cut to 10
+            example = examples[sequence[position]][:10]
+            assert sequence[position : position + len(example)] == example
+            position += len(example)
+
+
+def test_batches_mask_padding_and_mix_benchmark_text():
+    synthetic = [[1, 2, 3]] * 50
+    benchmark = [[7] * 9] * 50
+    batches = training_batches(synthetic, benchmark, 0.25, batch_size=64, seq_len=8, pad_id=0, rng=random.Random(0))
+    input_ids, labels = next(batches)
+    assert torch.equal(labels == -100, input_ids == 0)
+    benchmark_rows = (input_ids[:, 0] == 7).float().mean().item()
+    assert 0.1 < benchmark_rows < 0.4
+    assert (input_ids[input_ids[:, 0] == 7] != 0).sum(dim=1).eq(8).all()  # cut to seq_len
+
+
+@pytest.mark.slow
+def test_tiny_setting_of_the_end_to_end_config_runs_in_well_under_a_minute(tmp_path, data_dir):
+    start = time.perf_counter()
+    result = run_cli(
+        "--out", str(tmp_path / "base"), "--data-dir", str(data_dir), "--layers", "4", "--hidden-size", "64",
+        "--steps", "150",
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 50, f"tiny setting took {elapsed:.0f} s"
+    train = json.loads((tmp_path / "base" / "radial_base.json").read_text())["train"]
+    assert train["final_loss"] < train["initial_loss"] - 2
