@@ -1,0 +1,662 @@
+"""`RoutedForCausalLM`: a Hugging Face causal LM whose examples run their own layer paths.
+
+It wraps a loaded model's stock modules (embeddings, rotary embedding, decoder layers, final
+norm, LM head) and drives them the way the model's own forward does (LlamaModel.forward,
+Qwen2Model.forward, MistralModel.forward in transformers 5): embed, build the causal / sliding
+masks and rotary embeddings once, call decoder layers, norm, project. What differs is which
+layers run, on which rows: a schedule of steps (see radial.routing.paths), one per executed
+(layer, occurrence), each on the rows of the examples that run it.
+
+Routing modes (config.routing_mode):
+- "dense": every layer once (the base model);
+- "static": fixed path(s), one for all examples or one per example (MCTS, baselines);
+- "router": a `Router` decides each example's path during prefill, layer by layer;
+- "token": a `TokenRouter` decides per token per layer (reference implementation).
+A `paths=` argument to forward/generate overrides the mode for that call.
+
+Once prefill has decided the paths they stay fixed: with a cache the schedule lives in the
+`RoutedCache`; inside `generate` without a cache the first forward's paths are reused.
+
+The routed model is a PreTrainedModel: `generate` works (greedy, batched, left padding), lm-eval's
+HFLM accepts it, and save_pretrained / from_pretrained store only the routing config and router
+weights next to a reference to the base weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.configuration_utils import SubConfigSpec
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_chunked_causal_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from radial.layers import find_decoder_layers
+from radial.routing.cache import RoutedCache, SlotView, layer_types_of
+from radial.routing.paths import Step, dense_path, paths_from_steps, schedule, validate_path
+from radial.routing.routers import Router, RouterBudget, TokenRouter, build_router, router_spec
+from radial.utils import RadialError
+
+ROUTING_MODES = ("dense", "static", "router", "token")
+ROUTER_WEIGHTS = "router.safetensors"
+# Architectures whose model forward we have checked the generic driver against (tests cover
+# llama, qwen2, mistral). Others are checked numerically against the base when wrapped.
+VERIFIED_MODEL_TYPES = {"llama", "qwen2", "mistral", "qwen3"}
+_MASK_FUNCTIONS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+    "chunked_attention": create_chunked_causal_mask,
+}
+
+Paths = Sequence[Sequence[int]]
+
+
+class RoutedConfig(PreTrainedConfig):
+    """Routing config plus a reference to the base weights (never a copy of them).
+
+    text_config: the base model's config (generation, caches and lm-eval read it).
+    base_model_name_or_path: where the base weights live (hub id or folder).
+    base_model_relative_path: the same folder relative to the saved routed folder, tried first.
+    routing_mode: one of "dense", "static", "router", "token".
+    static_paths: for "static": one path for every example, or one per example.
+    router: for "router"/"token": {"class": name, "kwargs": {...}}; weights in router.safetensors.
+    budget: RouterBudget fields (skip_bias, repeat_bias, max_layers).
+    """
+
+    model_type = "radial_routed"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+    base_model_relative_path: str | None = None
+    routing_mode: str = "dense"
+    static_paths: list | None = None
+    router: dict | None = None
+    budget: dict | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        # PreTrainedConfig sets attn/experts implementation recursively on sub-configs; when we
+        # wrap a live base config, inherit its choice instead of resetting it to None.
+        if isinstance(self.text_config, PreTrainedConfig):
+            kwargs.setdefault("attn_implementation", self.text_config._attn_implementation)
+            kwargs.setdefault("experts_implementation", getattr(self.text_config, "_experts_implementation", None))
+        super().__post_init__(**kwargs)
+
+
+@dataclass
+class _BaseParts:
+    """The stock modules the driver calls (references into the wrapped model, not copies)."""
+
+    embed_tokens: nn.Module
+    rotary_emb: nn.Module
+    layers: list[nn.Module]
+    norm: nn.Module
+    lm_head: nn.Module
+
+
+@dataclass
+class _LayerInputs:
+    """What every layer call of one forward shares (per-row slices are cached by row set)."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+    masks: dict[str, Any]
+    layer_types: list[str]
+    use_cache: bool
+    kwargs: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self._row_cache: dict[tuple, tuple] = {}
+
+    def for_rows(self, step: Step) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(mask, position_ids, position_embeddings) restricted to the step's rows."""
+        layer_type = self.layer_types[step.layer]
+        if step.rows is None:
+            return self.masks[layer_type], self.position_ids, self.position_embeddings
+        key = (step.row_list, layer_type)
+        if key not in self._row_cache:
+            cos, sin = self.position_embeddings
+            self._row_cache[key] = (
+                _select_rows(self.masks[layer_type], step.rows),
+                _select_rows(self.position_ids, step.rows),
+                (_select_rows(cos, step.rows), _select_rows(sin, step.rows)),
+            )
+        return self._row_cache[key]
+
+
+def _select_rows(tensor: Any, rows: torch.Tensor) -> Any:
+    """Rows of a batch-first tensor; tensors broadcast over the batch (dim 0 of size 1) stay as they are."""
+    if not isinstance(tensor, torch.Tensor) or tensor.shape[0] == 1:
+        return tensor
+    return tensor.index_select(0, rows)
+
+
+def _as_path_list(paths: Any, num_layers: int) -> list[tuple[int, ...]]:
+    """Accept one path ([0, 1, 3]) or one per example ([[0, 1], [0, 2, 2]]); validate each."""
+    if isinstance(paths, torch.Tensor):
+        paths = paths.tolist()
+    paths = list(paths)
+    if paths and all(isinstance(p, (list, tuple, torch.Tensor)) for p in paths):
+        return [validate_path(list(p), num_layers) for p in paths]
+    return [validate_path(paths, num_layers)]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_schedule(paths: tuple[tuple[int, ...], ...]) -> list[Step]:
+    return schedule(paths)
+
+
+class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
+    """A base causal LM plus routing. Build with `from_base`, reload with `from_pretrained`."""
+
+    config_class = RoutedConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(
+        self,
+        config: RoutedConfig,
+        base_model: PreTrainedModel | None = None,
+        router: nn.Module | None = None,
+    ) -> None:
+        super().__init__(config)
+        if config.routing_mode not in ROUTING_MODES:
+            raise RadialError(f"routing_mode must be one of {', '.join(ROUTING_MODES)}, got {config.routing_mode!r}")
+        if base_model is None:  # random weights of the right shape (from_pretrained loads real ones)
+            base_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.text_config = base_model.config
+        config.text_config = base_model.config
+        # Keep the backbone at `model` and the head at `lm_head`, as in LlamaForCausalLM, so
+        # find_decoder_layers and state-dict names work as for the base model.
+        self.model = base_model.base_model
+        self.lm_head = base_model.get_output_embeddings()
+        self.parts = self._find_parts(base_model)
+        self.layer_types, _ = layer_types_of(self.text_config)
+        self.router = router
+        self.budget = RouterBudget(**(config.budget or {}))
+        self.static_paths = (
+            [validate_path(p, self.num_layers) for p in config.static_paths] if config.static_paths else None
+        )
+        self._check_mode()
+        if getattr(base_model, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base_model.generation_config)
+        self._generate_memo: dict[str, Any] | None = None
+        self.reset_layer_counter()
+        self.post_init()
+
+    # ----------------------------------------------------------------- construction
+    @staticmethod
+    def _find_parts(base_model: PreTrainedModel) -> _BaseParts:
+        layers = find_decoder_layers(base_model)
+        backbone = base_model.base_model
+        missing = [name for name in ("embed_tokens", "rotary_emb", "norm") if not hasattr(backbone, name)]
+        lm_head = base_model.get_output_embeddings()
+        if lm_head is None:
+            missing.append("lm_head")
+        if missing:
+            raise RadialError(
+                f"cannot route {type(base_model).__name__}: its backbone {type(backbone).__name__} has no "
+                f"{', '.join(missing)} (routing drives Llama-style decoders: Llama, Qwen2, Mistral, ...)"
+            )
+        return _BaseParts(backbone.embed_tokens, backbone.rotary_emb, list(layers), backbone.norm, lm_head)
+
+    @classmethod
+    def from_base(
+        cls,
+        base: PreTrainedModel | str | os.PathLike,
+        *,
+        mode: str | None = None,
+        paths: Any = None,
+        router: nn.Module | None = None,
+        budget: RouterBudget | dict | None = None,
+        **load_kwargs: Any,
+    ) -> "RoutedForCausalLM":
+        """Wrap a loaded model (or load one from a folder / hub id) with the given routing.
+
+        mode defaults to "static" when paths are given, "router"/"token" for a router, else "dense".
+        """
+        if isinstance(base, (str, os.PathLike)):
+            reference = str(base)
+            base = AutoModelForCausalLM.from_pretrained(reference, **load_kwargs)
+        else:
+            reference = None
+        num_layers = len(find_decoder_layers(base))  # a clear error first if there are none
+        reference = reference or getattr(base, "name_or_path", None) or None
+        if mode is None:
+            mode = "static" if paths is not None else _router_mode(router) if router is not None else "dense"
+        if isinstance(budget, RouterBudget):
+            budget = budget.to_dict()
+        config = RoutedConfig(
+            text_config=base.config,
+            base_model_name_or_path=reference,
+            routing_mode=mode,
+            static_paths=[list(p) for p in _as_path_list(paths, num_layers)] if paths is not None else None,
+            router=router_spec(router) if router is not None and _is_registered(router) else None,
+            budget=budget,
+        )
+        routed = cls(config, base_model=base, router=router)
+        routed.train(base.training)
+        if base.config.model_type not in VERIFIED_MODEL_TYPES:
+            routed.check_equivalence()
+        return routed
+
+    def _check_mode(self) -> None:
+        mode = self.config.routing_mode
+        if mode == "static" and not self.static_paths:
+            raise RadialError("routing_mode 'static' needs static_paths")
+        if mode == "router" and not isinstance(self.router, Router):
+            raise RadialError("routing_mode 'router' needs a Router (example-level)")
+        if mode == "token" and not isinstance(self.router, TokenRouter):
+            raise RadialError("routing_mode 'token' needs a TokenRouter")
+        if self.router is not None and getattr(self.router, "num_layers", self.num_layers) != self.num_layers:
+            raise RadialError(f"router has {self.router.num_layers} layers, the base model {self.num_layers}")
+
+    @torch.no_grad()
+    def check_equivalence(self, atol: float = 1e-4) -> None:
+        """Dense routing must reproduce the base forward; raise if this architecture differs."""
+        ids = torch.arange(3, 9, device=self.device).remainder(self.text_config.vocab_size).unsqueeze(0)
+        base_logits = self._base_forward_logits(ids)
+        routed_logits = self(ids, paths=dense_path(self.num_layers), use_cache=False).logits
+        self.reset_layer_counter()
+        if not torch.allclose(base_logits, routed_logits, atol=atol, rtol=0):
+            raise RadialError(
+                f"the generic routing driver does not reproduce {self.text_config.model_type}'s forward "
+                f"(max abs diff {(base_logits - routed_logits).abs().max().item():.2e}); this architecture "
+                "needs support in radial.routing"
+            )
+
+    def _base_forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids=input_ids, use_cache=False).last_hidden_state)
+
+    # ----------------------------------------------------------------- routing controls
+    @property
+    def num_layers(self) -> int:
+        return len(self.parts.layers)
+
+    def set_paths(self, paths: Any) -> None:
+        """Static routing: one path for every example, or one path per example of each batch."""
+        self.static_paths = _as_path_list(paths, self.num_layers)
+        self.config.static_paths = [list(p) for p in self.static_paths]
+        self.config.routing_mode = "static"
+
+    def set_router(self, router: nn.Module, budget: RouterBudget | None = None) -> None:
+        """Router-decided (Router) or token-level (TokenRouter) routing."""
+        self.router = router
+        self.config.routing_mode = _router_mode(router)
+        self.config.router = router_spec(router) if _is_registered(router) else None
+        if budget is not None:
+            self.set_budget(budget)
+        self._check_mode()
+
+    def set_budget(self, budget: RouterBudget) -> None:
+        self.budget = budget
+        self.config.budget = budget.to_dict()
+
+    def set_dense(self) -> None:
+        self.config.routing_mode = "dense"
+
+    @contextmanager
+    def using_paths(self, paths: Any) -> Iterator[None]:
+        """Temporarily route with static paths (restores the previous routing afterwards)."""
+        saved = (self.config.routing_mode, self.static_paths, self.config.static_paths)
+        self.set_paths(paths)
+        try:
+            yield
+        finally:
+            self.config.routing_mode, self.static_paths, self.config.static_paths = saved
+
+    # ----------------------------------------------------------------- layer counting
+    def reset_layer_counter(self) -> None:
+        self._executed_layers_sum = 0.0
+        self._example_forwards = 0
+
+    def radial_executed_layers(self) -> float:
+        """Average decoder layers executed per example per forward call since the last reset.
+
+        Every forward counts each batch row once: a prefill (or an lm-eval loglikelihood call) and
+        each decoding step alike, so a dense model gives exactly L. A repeated layer counts twice.
+        In token mode an example's count is the mean over its tokens of layers executed.
+        """
+        if self._example_forwards == 0:
+            return float("nan")
+        return self._executed_layers_sum / self._example_forwards
+
+    # ----------------------------------------------------------------- forward
+    def get_input_embeddings(self) -> nn.Module:
+        return self.parts.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.parts.lm_head
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to tie: the base modules are used as loaded (already tied if the base ties them)."""
+
+    def init_weights(self) -> None:
+        """Never re-initialise: the base weights come loaded and routers initialise themselves.
+
+        (PreTrainedModel.post_init would otherwise re-draw every weight of the wrapped model.)
+        """
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        paths: Any = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        for unsupported in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(unsupported, False):
+                raise RadialError(f"{unsupported} is not supported by the routed model")
+        kwargs.pop("return_dict", None)
+        hidden = self.parts.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch_size, seq_len = hidden.shape[:2]
+        if use_cache is None:
+            use_cache = bool(getattr(self.text_config, "use_cache", True)) and not self.training
+        cache = self._cache_for(past_key_values, use_cache, batch_size)
+        if position_ids is None:
+            past_seen = cache.seen_tokens if cache is not None else 0
+            position_ids = torch.arange(past_seen, past_seen + seq_len, device=hidden.device).unsqueeze(0)
+        layer_inputs = _LayerInputs(
+            position_embeddings=self.parts.rotary_emb(hidden, position_ids=position_ids),
+            position_ids=position_ids,
+            masks=self._masks(hidden, attention_mask, cache, position_ids),
+            layer_types=self.layer_types,
+            use_cache=cache is not None,
+            kwargs=kwargs,
+        )
+
+        token_router = self.router if self.config.routing_mode == "token" and paths is None else None
+        if cache is not None and cache.decided:
+            steps = cache.steps
+            hidden = self._run_fixed(hidden, steps, layer_inputs, cache, token_router, attention_mask)
+        elif token_router is not None:
+            steps = _cached_schedule((dense_path(self.num_layers),) * batch_size)
+            hidden = self._run_fixed(hidden, steps, layer_inputs, cache, token_router, attention_mask)
+        else:
+            fixed = self._fixed_paths(paths, batch_size)
+            if fixed is None:
+                hidden, steps = self._run_router(hidden, layer_inputs, cache, attention_mask)
+            else:
+                steps = _cached_schedule(tuple(fixed))
+                hidden = self._run_fixed(hidden, steps, layer_inputs, cache, None, attention_mask)
+        if self._generate_memo is not None and "paths" not in self._generate_memo and token_router is None:
+            self._generate_memo["paths"] = paths_from_steps(steps, batch_size)
+        if token_router is None:
+            self._count(sum(len(step.row_list) for step in steps), batch_size)
+        if cache is not None:
+            cache.finish_forward(seq_len)
+
+        hidden = self.parts.norm(hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.parts.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _cache_for(self, past_key_values: Cache | None, use_cache: bool, batch_size: int) -> RoutedCache | None:
+        if isinstance(past_key_values, RoutedCache):
+            if past_key_values.batch_size != batch_size:
+                raise RadialError(
+                    f"the routed cache holds {past_key_values.batch_size} rows, the input has {batch_size}"
+                )
+            return past_key_values
+        if past_key_values is not None:
+            # generate() hands over a fresh DynamicCache; an empty one is replaced by ours.
+            if past_key_values.get_seq_length() > 0:
+                raise RadialError("a routed model needs a RoutedCache; got a filled " + type(past_key_values).__name__)
+            return RoutedCache(self.text_config, batch_size)
+        return RoutedCache(self.text_config, batch_size) if use_cache else None
+
+    def _masks(self, hidden, attention_mask, cache, position_ids) -> dict[str, Any]:
+        """One mask per attention type, built before any layer writes into the cache."""
+        needed = set(self.layer_types)
+        if cache is not None and cache.decided:
+            needed = {self.layer_types[step.layer] for step in cache.steps} or {self.layer_types[0]}
+        return {
+            layer_type: _MASK_FUNCTIONS[layer_type](
+                config=self.text_config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+            for layer_type in needed
+        }
+
+    def _fixed_paths(self, paths: Any, batch_size: int) -> list[tuple[int, ...]] | None:
+        """The per-example paths of this forward, or None when the router is to decide them."""
+        if paths is not None:
+            path_list = _as_path_list(paths, self.num_layers)
+        elif self._generate_memo is not None and "paths" in self._generate_memo:
+            path_list = self._generate_memo["paths"]
+        elif self.config.routing_mode == "static":
+            path_list = self.static_paths
+        elif self.config.routing_mode == "dense":
+            path_list = [dense_path(self.num_layers)]
+        else:
+            return None
+        if len(path_list) == 1:
+            return path_list * batch_size
+        if len(path_list) != batch_size:
+            raise RadialError(f"got {len(path_list)} per-example paths for a batch of {batch_size}")
+        return list(path_list)
+
+    def _call_layer(self, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view: SlotView | None):
+        """Run one stock decoder layer on the step's rows, called as the model's own forward calls it."""
+        mask, position_ids, position_embeddings = inputs.for_rows(step)
+        rows_hidden = hidden if step.rows is None else hidden.index_select(0, step.rows)
+        out = self.parts.layers[step.layer](
+            rows_hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=view,
+            use_cache=inputs.use_cache,
+            position_embeddings=position_embeddings,
+            **inputs.kwargs,
+        )
+        if isinstance(out, tuple):  # older transformers returned (hidden, ...)
+            out = out[0]
+        return out if step.rows is None else hidden.index_copy(0, step.rows, out)
+
+    def _run_fixed(self, hidden, steps, inputs, cache, token_router, attention_mask) -> torch.Tensor:
+        """Run a known schedule: static paths, or the paths a cache fixed at prefill."""
+        adding = cache is not None and not cache.decided
+        executed_tokens = None
+        for index, step in enumerate(steps):
+            step.to(hidden.device)
+            view = None if cache is None else cache.add_step(step) if adding else cache.view(index)
+            if token_router is None:
+                hidden = self._call_layer(step, hidden, inputs, view)
+                continue
+            run = token_router(step.layer, hidden, attention_mask) - self.budget.skip_bias > 0
+            hidden = torch.where(run.unsqueeze(-1), self._call_layer(step, hidden, inputs, view), hidden)
+            executed_tokens = run.float() if executed_tokens is None else executed_tokens + run.float()
+        if token_router is not None:
+            self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
+        return hidden
+
+    def _run_router(self, hidden, inputs, cache, attention_mask) -> tuple[torch.Tensor, list[Step]]:
+        """Prefill with an example-level router: decide layer i from the hidden state entering it."""
+        batch_size = hidden.shape[0]
+        executed = torch.zeros(batch_size, dtype=torch.long, device=hidden.device)
+        steps: list[Step] = []
+        for layer in range(self.num_layers):
+            actions = self.budget.actions(self.router(layer, hidden, attention_mask), executed)
+            executed += actions
+            counts = actions.tolist()
+            for occurrence in range(max(counts)):
+                rows = tuple(e for e in range(batch_size) if counts[e] > occurrence)
+                step = Step(layer, occurrence, rows, batch_size).to(hidden.device)
+                view = cache.add_step(step) if cache is not None else None
+                hidden = self._call_layer(step, hidden, inputs, view)
+                steps.append(step)
+        return hidden, steps
+
+    def _count(self, executed: float, batch_size: int) -> None:
+        self._executed_layers_sum += float(executed)
+        self._example_forwards += batch_size
+
+    def _count_tokens(self, executed_tokens: torch.Tensor | None, attention_mask, batch_size: int) -> None:
+        if executed_tokens is None:  # no layer at all
+            self._count(0.0, batch_size)
+            return
+        seq = executed_tokens.shape[1]
+        valid = (
+            torch.ones_like(executed_tokens)
+            if attention_mask is None
+            else attention_mask[:, -seq:].to(executed_tokens.dtype)
+        )
+        per_example = (executed_tokens * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        self._count(per_example.sum().item(), batch_size)
+
+    # ----------------------------------------------------------------- generation
+    def generate(self, *args: Any, **kwargs: Any):
+        """`GenerationMixin.generate`, with the prefill's paths fixed for the whole call.
+
+        With the cache the schedule lives in the RoutedCache; without it (use_cache=False), every
+        step re-runs the whole sequence, and we reuse the paths the first forward decided rather
+        than let the router re-decide on the grown sequence.
+        """
+        self._generate_memo = {}
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generate_memo = None
+
+    # ----------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write config.json (routing + base reference), router weights, generation config.
+
+        The base weights are not copied: config.base_model_name_or_path points at them (and, for
+        a local folder, base_model_relative_path at the same folder from `save_directory`).
+        """
+        from safetensors.torch import save_file
+
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        reference = config.base_model_name_or_path
+        if reference and Path(reference).is_dir():
+            config.base_model_name_or_path = str(Path(reference).resolve())
+            config.base_model_relative_path = os.path.relpath(Path(reference).resolve(), save_directory.resolve())
+        if self.router is not None:
+            if config.router is None:
+                raise RadialError(f"router class {type(self.router).__name__} is not registered; cannot save it")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.router.state_dict().items()}
+            save_file(state, str(save_directory / ROUTER_WEIGHTS))
+        config.architectures = [type(self).__name__]
+        config.save_pretrained(save_directory)
+        if self.generation_config is not None:
+            self.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, config: RoutedConfig | None = None, **kwargs
+    ) -> "RoutedForCausalLM":
+        """Load a saved routed model: its config, the base weights it references, its router.
+
+        Extra kwargs (dtype, device_map, attn_implementation, ...) go to the base model's
+        from_pretrained.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(pretrained_model_name_or_path)
+        if config is None or not isinstance(config, RoutedConfig):
+            config = RoutedConfig.from_pretrained(folder)
+        base = AutoModelForCausalLM.from_pretrained(_resolve_base(config, folder), **kwargs)
+        router = None
+        if config.router is not None:
+            router = build_router(config.router)
+            weights = folder / ROUTER_WEIGHTS
+            if not weights.is_file():
+                raise RadialError(f"{folder}: routing config names a router but {ROUTER_WEIGHTS} is missing")
+            router.load_state_dict(load_file(str(weights)))
+            router.to(device=base.device)
+        config.text_config = base.config
+        routed = cls(config, base_model=base, router=router)
+        routed.eval()
+        return routed
+
+
+def _resolve_base(config: RoutedConfig, folder: Path) -> str:
+    """Where to load the base weights from: the relative reference if it exists, else the stored one."""
+    if config.base_model_relative_path:
+        candidate = (folder / config.base_model_relative_path).resolve()
+        if candidate.is_dir():
+            return str(candidate)
+    if not config.base_model_name_or_path:
+        raise RadialError(f"{folder}/config.json: base_model_name_or_path is missing")
+    return config.base_model_name_or_path
+
+
+def _router_mode(router: nn.Module) -> str:
+    if isinstance(router, TokenRouter):
+        return "token"
+    if isinstance(router, Router):
+        return "router"
+    raise RadialError(f"{type(router).__name__} is neither a Router nor a TokenRouter")
+
+
+def _is_registered(router: nn.Module) -> bool:
+    from radial.routing.routers import ROUTER_CLASSES
+
+    return ROUTER_CLASSES.get(type(router).__name__) is type(router)
+
+
+def reference_forward(base_model: PreTrainedModel, input_ids: torch.Tensor, path: Sequence[int]) -> torch.Tensor:
+    """Logits of one path by the plainest possible loop over the stock layers (no cache, batch as is).
+
+    The routed model must agree with this for every path; it is deliberately independent of the
+    schedule, the cache and the masks' row selection.
+    """
+    backbone = base_model.base_model
+    hidden = backbone.embed_tokens(input_ids)
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    position_embeddings = backbone.rotary_emb(hidden, position_ids=position_ids)
+    layer_types, _ = layer_types_of(base_model.config)
+    masks = {
+        t: _MASK_FUNCTIONS[t](
+            config=base_model.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+        for t in set(layer_types)
+    }
+    layers = find_decoder_layers(base_model)
+    for layer in path:
+        hidden = layers[layer](
+            hidden,
+            attention_mask=masks[layer_types[layer]],
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )
+    return base_model.get_output_embeddings()(backbone.norm(hidden))
