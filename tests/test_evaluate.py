@@ -343,3 +343,17 @@ def test_python_path_matches_the_lm_eval_command_line(tiny_llama_dir, data_dir, 
     assert arc["accuracy"] == cli["results"]["radial_arc_easy"]["acc,none"]
     gsm8k = json.loads((tmp_path / "gsm8k.json").read_text())
     assert gsm8k["accuracy"] == cli["results"]["radial_gsm8k"]["exact_match,flexible-extract"]
+
+
+def test_routed_model_folder_evaluates_with_its_executed_layers(tiny_llama_dir, tiny_tokenizer, data_dir, tmp_path):
+    """A saved routed model (static path skipping layer 2 of 4) runs through the stock harness at batch > 1."""
+    from radial.routing import RoutedForCausalLM
+
+    routed_dir = tmp_path / "routed"
+    RoutedForCausalLM.from_base(str(tiny_llama_dir), paths=[0, 1, 3]).save_pretrained(routed_dir)
+    tiny_tokenizer.save_pretrained(routed_dir)
+    dense = _evaluate(tiny_llama_dir, data_dir, "arc_easy", tmp_path / "dense.json", "--batch-size", "4")
+    routed = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "routed.json", "--batch-size", "4")
+    assert dense["avg_executed_layers"] == 4
+    assert routed["avg_executed_layers"] == 3
+    assert routed["n_examples"] == dense["n_examples"]

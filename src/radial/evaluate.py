@@ -117,6 +117,8 @@ def load_model(model_dir: Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import radial.routing  # noqa: F401  (registers routed model folders with AutoModelForCausalLM)
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise RadialError(f"model folder {model_dir} not found or has no config.json")
