@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from radial.__main__ import main as radial_main
-from radial.base_model import greedy_answers, pack_examples, training_batches
+from radial.base_model import greedy_answers, pack_examples, prompt_target_examples, text_examples, training_batches
 
 # Small enough to train in a few seconds; the stage's own defaults take minutes.
 QUICK_FLAGS = [
@@ -25,13 +26,9 @@ QUICK_FLAGS = [
 
 
 def synthetic_row(rng: random.Random, level: int, split: str, index: int) -> dict:
-    """One row of the synthetic task in the shared schema: k+1 digits joined by + and -, answer mod 10."""
-    digits = [rng.randrange(10) for _ in range(level + 1)]
-    question, total = str(digits[0]), digits[0]
-    for digit in digits[1:]:
-        operator = rng.choice("+-")
-        question += f"{operator}{digit}"
-        total = total + digit if operator == "+" else total - digit
+    """One row of the synthetic task in the shared schema: k+2 digits joined by +, answer their sum."""
+    digits = [rng.randrange(10) for _ in range(level + 2)]
+    question, total = "+".join(map(str, digits)), sum(digits)
     return {
         "id": f"synthetic/{split}/{index}",
         "task": "synthetic",
@@ -39,7 +36,7 @@ def synthetic_row(rng: random.Random, level: int, split: str, index: int) -> dic
         "question": question + "=",
         "choices": [],
         "labels": [],
-        "answer": str(total % 10),
+        "answer": str(total),
         "level": level,
     }
 
@@ -91,15 +88,19 @@ def test_embedded_model_reloads_as_requested_llama(embedded_dir):
     assert (embedded_dir / "model.safetensors").is_file()
     assert model.config.vocab_size == len(tokenizer)
     # Digits are single tokens and the prompt carries no BOS, as lm-eval will feed it.
-    assert tokenizer.convert_ids_to_tokens(tokenizer("7+4-9=")["input_ids"]) == ["7", "+", "4", "-", "9", "="]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("7+4+9=")["input_ids"]) == ["7", "+", "4", "+", "9", "="]
 
 
-def test_embedded_summary_and_loss_curve(embedded_dir):
+def test_embedded_summary_and_loss_curve(embedded_dir, data_dir):
     summary = json.loads((embedded_dir / "radial_base.json").read_text())
     assert summary["source"] == "embedded"
     assert summary["num_layers"] == 4
     assert summary["num_parameters"] > 0
-    assert summary["chance"] == 0.1
+    # Chance per level = share of the most common answer among the evaluated test questions.
+    test_rows = [json.loads(line) for line in (data_dir / "synthetic" / "test.jsonl").open()]
+    level_1_answers = collections.Counter(row["answer"] for row in test_rows if row["level"] == 1)
+    assert set(summary["chance"]) == {"1", "2", "3", "4", "5"}
+    assert summary["chance"]["1"] == max(level_1_answers.values()) / sum(level_1_answers.values())
     train = summary["train"]
     assert train["steps"] == 40 and train["tokens_seen"] > 0 and train["wall_time_s"] > 0
     assert train["final_loss"] < train["initial_loss"]
@@ -179,24 +180,37 @@ def test_embedded_model_needs_the_synthetic_train_split(tmp_path, capsys):
 
 
 def test_packed_sequences_start_at_example_boundaries():
-    examples = [[i] * length for i, length in enumerate([3, 5, 2, 7, 4, 6, 1, 12])]
+    examples = [([i] * length, [-i] * length) for i, length in enumerate([3, 5, 2, 7, 4, 6, 1, 12])]
     stream = pack_examples(examples, seq_len=10, rng=random.Random(0))
     sequences = [next(stream) for _ in range(20)]
-    for sequence in sequences:
-        assert 0 < len(sequence) <= 10
+    for ids, labels in sequences:
+        assert 0 < len(ids) <= 10 and len(labels) == len(ids)
         position = 0
-        while position < len(sequence):  # walk whole examples; the 12-long one is cut to 10
-            example = examples[sequence[position]][:10]
-            assert sequence[position : position + len(example)] == example
-            position += len(example)
+        while position < len(ids):  # walk whole examples; the 12-long one is cut to 10
+            example_ids, example_labels = (part[:10] for part in examples[ids[position]])
+            assert ids[position : position + len(example_ids)] == example_ids
+            assert labels[position : position + len(example_ids)] == example_labels
+            position += len(example_ids)
+
+
+def test_synthetic_loss_is_on_the_answer_only(embedded_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    [(ids, labels)] = prompt_target_examples(tokenizer, [("7+4+9=", "20\n")])
+    assert tokenizer.decode(ids) == "7+4+9=20\n"
+    learned = [label for label in labels if label != -100]
+    assert tokenizer.decode(learned) == "20\n" and labels[: len(ids) - len(learned)] == [-100] * (len(ids) - len(learned))
+    [(text_ids, text_labels)] = text_examples(tokenizer, ["Question: why?"])
+    assert text_labels == text_ids
 
 
 def test_batches_mask_padding_and_mix_benchmark_text():
-    synthetic = [[1, 2, 3]] * 50
-    benchmark = [[7] * 9] * 50
+    synthetic = [([1, 2, 3], [-100, 2, 3])] * 50
+    benchmark = [([7] * 9, [7] * 9)] * 50
     batches = training_batches(synthetic, benchmark, 0.25, batch_size=64, seq_len=8, pad_id=0, rng=random.Random(0))
     input_ids, labels = next(batches)
-    assert torch.equal(labels == -100, input_ids == 0)
+    assert torch.equal(labels == -100, (input_ids == 0) | (input_ids == 1))
     benchmark_rows = (input_ids[:, 0] == 7).float().mean().item()
     assert 0.1 < benchmark_rows < 0.4
     assert (input_ids[input_ids[:, 0] == 7] != 0).sum(dim=1).eq(8).all()  # cut to seq_len

@@ -1,4 +1,4 @@
-"""The synthetic arithmetic-mod-10 task: seeded, balanced, correct, and train/test disjoint."""
+"""The synthetic addition task: seeded, balanced, correct, and train/test disjoint."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def _default_splits(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def _recompute(question: str) -> str:
-    """Independent check: Python evaluates "7+4-9+2" left to right, the same as the task."""
-    assert re.fullmatch(r"\d([+-]\d)+=", question), question
-    return str(eval(question[:-1]) % 10)
+    """Independent check: Python evaluates "7+4+9+2" the same as the task."""
+    assert re.fullmatch(r"\d(\+\d)+=", question), question
+    return str(eval(question[:-1]))
 
 
 def test_rows_follow_the_schema():
@@ -30,7 +30,7 @@ def test_rows_follow_the_schema():
     assert set(row) == {"id", "task", "split", "question", "choices", "labels", "answer", "level"}
     assert row["id"] == "synthetic/test/3" and row["task"] == "synthetic" and row["split"] == "test"
     assert row["choices"] == [] and row["labels"] == []
-    assert re.fullmatch(r"\d", row["answer"])
+    assert re.fullmatch(r"\d{1,2}", row["answer"])
     assert synthetic.training_text(row) == f"{row['question']}{row['answer']}\n"
     json.dumps(row)
 
@@ -45,16 +45,18 @@ def test_answers_are_correct_and_levels_set_the_operand_count():
     train, test = _default_splits()
     for row in train + test:
         assert row["answer"] == _recompute(row["question"])
-        assert len(re.findall(r"\d", row["question"])) == row["level"] + 1
+        assert len(re.findall(r"\d", row["question"])) == row["level"] + 2
 
 
 def test_known_questions():
-    assert synthetic.answer_for("7+4-9+2=") == "4"
-    assert synthetic.answer_for("0-9=") == "1"  # -9 mod 10
-    assert synthetic.question_text(1, 0) == "0+0="
+    assert synthetic.answer_for("7+4+9+2=") == "22"
+    assert synthetic.answer_for("0+0+0=") == "0"
+    assert synthetic.question_text(1, 0) == "0+0+0="
     assert {synthetic.question_text(1, i) for i in range(synthetic.space_size(1))} == {
-        f"{a}{op}{b}=" for a in range(10) for b in range(10) for op in "+-"
+        f"{a}+{b}+{c}=" for a in range(10) for b in range(10) for c in range(10)
     }
+    with pytest.raises(RadialError, match="single digits"):
+        synthetic.answer_for("12+3=")
 
 
 def test_levels_are_balanced():
@@ -73,24 +75,24 @@ def test_train_and_test_are_disjoint_and_duplicates_only_where_the_space_runs_ou
     distinct_train = {
         level: len({row["question"] for row in train if row["level"] == level}) for level in range(1, 6)
     }
-    # level 1: 200 questions, 100 in test; level 2: 4000, 100 in test; higher levels never repeat.
-    assert distinct_train == {1: 100, 2: 3900, 3: 4000, 4: 4000, 5: 4000}
+    # level 1: 1000 questions, 100 in test, so train cycles through the other 900; higher levels never repeat.
+    assert distinct_train == {1: 900, 2: 4000, 3: 4000, 4: 4000, 5: 4000}
 
 
 def test_disjoint_for_other_sizes_and_levels():
-    train = synthetic.generate(3000, 3, 5, "train", test_rows=450)
-    test = synthetic.generate(450, 3, 5, "test")
+    train = synthetic.generate(3000, 3, 5, "train", test_rows=2700)
+    test = synthetic.generate(2700, 3, 5, "test")
     assert not {row["question"] for row in test} & {row["question"] for row in train}
     assert max(row["level"] for row in train) == 3
     level_1_train = {row["question"] for row in train if row["level"] == 1}
-    assert len(level_1_train) == 200 - 150  # every remaining level-1 question is used
+    assert len(level_1_train) == 1000 - 900  # every remaining level-1 question is used
 
 
 def test_impossible_sizes_are_refused():
-    with pytest.raises(RadialError, match="level 1 has only 200 distinct questions"):
-        synthetic.generate(201 * 5, 5, 0, "test")
+    with pytest.raises(RadialError, match="level 1 has only 1000 distinct questions"):
+        synthetic.generate(1001 * 5, 5, 0, "test")
     with pytest.raises(RadialError, match="none left for train"):
-        synthetic.generate(10, 1, 0, "train", test_rows=200)
+        synthetic.generate(10, 1, 0, "train", test_rows=1000)
     with pytest.raises(RadialError, match="split"):
         synthetic.generate(10, 5, 0, "validation")
 

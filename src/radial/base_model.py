@@ -20,7 +20,7 @@ import random
 import socket
 import time
 import urllib.parse
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
 
@@ -34,7 +34,6 @@ SYNTHETIC_TASK = "synthetic"
 # Only train-like splits: the evaluation splits stay unseen.
 BENCHMARK_SPLITS = {"arc_easy": "train", "arc_challenge": "train", "gsm8k": "train", "mmlu": "dev"}
 MAX_POSITION_EMBEDDINGS = 512
-CHANCE_ACCURACY = 0.1  # the synthetic answer is one digit 0-9
 HUB_CONNECT_TIMEOUT_S = 5.0
 
 
@@ -105,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
             model.save_pretrained(out_dir)
             tokenizer.save_pretrained(out_dir)
 
-            accuracy = evaluate_synthetic(model, tokenizer, args)
+            accuracy, chance = evaluate_synthetic(model, tokenizer, args)
             run.log({f"synthetic_accuracy/level_{level}": value for level, value in accuracy.items()})
             summary = {
                 "source": args.name_or_path or "embedded",
@@ -113,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                 "num_parameters": model.num_parameters(),
                 "train": train_summary,
                 "synthetic_accuracy": accuracy,
-                "chance": CHANCE_ACCURACY,
+                "chance": chance,
                 "config": embedded_config(args),
             }
             write_json(out_dir / "radial_base.json", summary)
@@ -208,8 +207,8 @@ def build_embedded_model(args: argparse.Namespace, out_dir: Path, run):
 
     from radial.tokenizer import train_tokenizer
 
-    synthetic_texts, benchmark_texts = load_corpus(args.data_dir)
-    tokenizer = train_tokenizer(synthetic_texts + benchmark_texts, vocab_size=args.vocab_size)
+    synthetic_pairs, benchmark_texts = load_corpus(args.data_dir)
+    tokenizer = train_tokenizer([prompt + target for prompt, target in synthetic_pairs] + benchmark_texts, args.vocab_size)
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -228,8 +227,8 @@ def build_embedded_model(args: argparse.Namespace, out_dir: Path, run):
     model = LlamaForCausalLM(config)
 
     batches = training_batches(
-        synthetic=tokenize(tokenizer, synthetic_texts),
-        benchmark=tokenize(tokenizer, benchmark_texts),
+        synthetic=prompt_target_examples(tokenizer, synthetic_pairs),
+        benchmark=text_examples(tokenizer, benchmark_texts),
         benchmark_fraction=args.benchmark_fraction,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -244,22 +243,23 @@ def build_embedded_model(args: argparse.Namespace, out_dir: Path, run):
     return model, tokenizer, train_summary
 
 
-def load_corpus(data_dir: Path) -> tuple[list[str], list[str]]:
-    """Pre-training texts, one per example: the synthetic lines and the benchmark train examples."""
+def load_corpus(data_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pre-training data: synthetic (question, answer line) pairs and benchmark train examples as text."""
     synthetic_rows = read_jsonl(data_dir / SYNTHETIC_TASK / "train.jsonl")
-    synthetic_texts = [synthetic_text(row, data_dir / SYNTHETIC_TASK / "train.jsonl") for row in synthetic_rows]
+    synthetic_pairs = [synthetic_pair(row, data_dir / SYNTHETIC_TASK / "train.jsonl") for row in synthetic_rows]
     benchmark_texts = []
     for task, split in BENCHMARK_SPLITS.items():
         path = data_dir / task / f"{split}.jsonl"
         if path.is_file():
             benchmark_texts += [benchmark_text(row) for row in read_jsonl(path)]
-    return synthetic_texts, benchmark_texts
+    return synthetic_pairs, benchmark_texts
 
 
-def synthetic_text(row: dict, path: Path) -> str:
-    """The exact line the model learns from: prompt, answer, newline (generation stops at "\\n")."""
+def synthetic_pair(row: dict, path: Path) -> tuple[str, str]:
+    """The line the model learns from, as (prompt, target): the question, then answer and newline
+    (generation stops at "\\n")."""
     try:
-        return f"{row['question']}{row['answer']}\n"
+        return row["question"], f"{row['answer']}\n"
     except KeyError as err:
         raise RadialError(f"{path}: row {row.get('id', '?')} has no {err.args[0]!r} field") from None
 
@@ -273,11 +273,42 @@ def benchmark_text(row: dict) -> str:
     return f"Question: {row['question']}\nAnswer: {answer}\n"
 
 
-def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+# A training example: token ids and the labels learned from them (-100 where nothing is learned).
+Example = tuple[list[int], list[int]]
 
 
-def pack_examples(examples: list[list[int]], seq_len: int, rng: random.Random) -> Iterator[list[int]]:
+def pretraining_examples(tokenizer, data_dir: Path) -> tuple[list[Example], list[Example]]:
+    """The embedded model's training data from <data-dir>, tokenized: (synthetic, benchmark) examples."""
+    synthetic_pairs, benchmark_texts = load_corpus(data_dir)
+    return prompt_target_examples(tokenizer, synthetic_pairs), text_examples(tokenizer, benchmark_texts)
+
+
+def text_examples(tokenizer, texts: list[str]) -> list[Example]:
+    """Plain language modelling: every token is learned."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [(tokens, list(tokens)) for tokens in ids]
+
+
+def prompt_target_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[Example]:
+    """Prompt tokens are context only; the loss is on the target (answer and newline).
+
+    The synthetic operands are uniformly random digits: predicting them teaches nothing, and with
+    their loss in the mix a small model learned the sums far more slowly (13 % vs 58 % exact on
+    level 1 after 600 steps of the embedded default).
+    """
+    if not pairs:
+        return []
+    prompts = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([prompt + target for prompt, target in pairs], add_special_tokens=False)["input_ids"]
+    examples = []
+    for (prompt, _), prompt_ids, full_ids in zip(pairs, prompts, fulls):
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise RadialError(f"the tokenizer merges the end of the prompt {prompt!r} with its answer")
+        examples.append((full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]))
+    return examples
+
+
+def pack_examples(examples: list[Example], seq_len: int, rng: random.Random) -> Iterator[Example]:
     """Endless sequences of whole examples in shuffled order (reshuffled every epoch).
 
     Every sequence starts at an example boundary, because evaluation prompts come at position 0 with
@@ -287,20 +318,22 @@ def pack_examples(examples: list[list[int]], seq_len: int, rng: random.Random) -
     while True:
         order = list(range(len(examples)))
         rng.shuffle(order)
-        sequence: list[int] = []
+        ids: list[int] = []
+        labels: list[int] = []
         for index in order:
-            example = examples[index][:seq_len]
-            if len(sequence) + len(example) > seq_len:
-                yield sequence
-                sequence = []
-            sequence += example
-        if sequence:
-            yield sequence
+            example_ids, example_labels = (part[:seq_len] for part in examples[index])
+            if len(ids) + len(example_ids) > seq_len:
+                yield ids, labels
+                ids, labels = [], []
+            ids += example_ids
+            labels += example_labels
+        if ids:
+            yield ids, labels
 
 
 def training_batches(
-    synthetic: list[list[int]],
-    benchmark: list[list[int]],
+    synthetic: list[Example],
+    benchmark: list[Example],
     benchmark_fraction: float,
     batch_size: int,
     seq_len: int,
@@ -320,12 +353,12 @@ def training_batches(
             next(benchmark_stream if benchmark_stream and rng.random() < benchmark_fraction else synthetic_stream)
             for _ in range(batch_size)
         ]
-        width = max(len(sequence) for sequence in sequences)
+        width = max(len(ids) for ids, _ in sequences)
         input_ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            labels[row, : len(sequence)] = torch.tensor(sequence)
+        for row, (sequence_ids, sequence_labels) in enumerate(sequences):
+            input_ids[row, : len(sequence_ids)] = torch.tensor(sequence_ids)
+            labels[row, : len(sequence_labels)] = torch.tensor(sequence_labels)
         yield input_ids, labels
 
 
@@ -394,10 +427,14 @@ def plot_loss(losses: list[float], path: Path) -> None:
 # Synthetic accuracy, read the way lm-eval's generate_until reads it
 
 
-def evaluate_synthetic(model, tokenizer, args: argparse.Namespace) -> dict[str, float]:
-    """Greedy exact-match accuracy per level on <data-dir>/synthetic/test.jsonl ({} without the file)."""
+def evaluate_synthetic(model, tokenizer, args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """Greedy exact-match accuracy per level on <data-dir>/synthetic/test.jsonl, and chance per level.
+
+    Chance is the best constant guess: the share of the level's most common answer among the
+    evaluated questions. Without the test file: ({}, {}).
+    """
     if args.data_dir is None or not (args.data_dir / SYNTHETIC_TASK / "test.jsonl").is_file():
-        return {}
+        return {}, {}
     rows_by_level: dict[int, list[dict]] = defaultdict(list)
     for row in read_jsonl(args.data_dir / SYNTHETIC_TASK / "test.jsonl"):
         if len(rows_by_level[row["level"]]) < args.eval_examples_per_level:
@@ -411,7 +448,11 @@ def evaluate_synthetic(model, tokenizer, args: argparse.Namespace) -> dict[str, 
         answers = greedy_answers(model, tokenizer, [row["question"] for row in rows], max_new_tokens)
         correct = sum(answer == str(row["answer"]).strip() for answer, row in zip(answers, rows))
         accuracy[str(level)] = correct / len(rows)
-    return accuracy
+    chance = {}
+    for level, rows in sorted(rows_by_level.items()):
+        answer_counts = Counter(str(row["answer"]).strip() for row in rows)
+        chance[str(level)] = max(answer_counts.values()) / len(rows)
+    return accuracy, chance
 
 
 @torch.no_grad()

@@ -1,13 +1,16 @@
-"""The synthetic in-domain task: multi-step arithmetic mod 10 with graded difficulty.
+"""The synthetic in-domain task: multi-step addition with graded difficulty.
 
-Level k joins k+1 single-digit operands with + and -, left to right, and asks for the result
-mod 10 as one digit: level 3 is e.g. "7+4-9+2=" with answer "4". Every level adds one more
-operation to carry out, so harder levels need more computation (depth) for the same answer length.
+Level k adds k+2 single-digit operands and asks for the exact sum: level 1 is e.g. "7+4+9=" with
+answer "20", level 3 "7+4+9+2+5=" with answer "27". Every level adds one more addition to carry out
+(and widens the answer range), so harder levels need more computation for the answer.
+
+An earlier version asked for +/- chains mod 10; small models trained from scratch on CPU stayed at
+chance on it (mod-10 chains are parity-like), while exact sums are learned within minutes.
 
 Test questions are drawn first and excluded from train, so the splits never share a question.
-Low levels have few distinct questions (level 1: 10 * 10 * 2 = 200, level 2: 4000); where train
-asks for more than the remaining ones, it cycles through all of them, so duplicates appear in train
-only where a level's question space is exhausted. Everything is seeded and offline.
+Level 1 has 10^3 = 1000 distinct questions; where train asks for more than the remaining ones, it
+cycles through all of them, so duplicates appear in train only where a level's question space is
+exhausted. Everything is seeded and offline.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ SPLITS = ("train", "test")
 DEFAULT_TRAIN_ROWS = 20000
 DEFAULT_TEST_ROWS = 500
 DEFAULT_LEVELS = 5
-OPERATORS = "+-"
 # Spaces up to this size are listed in full and shuffled; larger ones are sampled by rejection.
 _ENUMERATE_UP_TO = 100_000
 
@@ -75,29 +77,27 @@ def training_text(row: dict) -> str:
     return f"{row['question']}{row['answer']}\n"
 
 
+def operand_count(level: int) -> int:
+    return level + 2
+
+
 def space_size(level: int) -> int:
-    """Number of distinct questions at `level`: 10^(level+1) operand choices times 2^level operators."""
-    return 10 ** (level + 1) * len(OPERATORS) ** level
+    """Number of distinct questions at `level`: one digit 0-9 per operand."""
+    return 10 ** operand_count(level)
 
 
 def question_text(level: int, index: int) -> str:
-    """The question numbered `index` in [0, space_size(level)): operand digits, then operator bits."""
-    digits_index, operators_index = divmod(index, len(OPERATORS) ** level)
-    digits = [(digits_index // 10**position) % 10 for position in range(level + 1)]
-    operators = [OPERATORS[(operators_index >> position) & 1] for position in range(level)]
-    text = str(digits[0])
-    for operator, digit in zip(operators, digits[1:]):
-        text += f"{operator}{digit}"
-    return text + "="
+    """The question numbered `index` in [0, space_size(level)): its digits are the operands."""
+    digits = [(index // 10**position) % 10 for position in range(operand_count(level))]
+    return "+".join(str(digit) for digit in digits) + "="
 
 
 def answer_for(question: str) -> str:
-    """Evaluate "d(+|-)d...=" left to right; the answer is the result mod 10 as one digit."""
-    body = question.removesuffix("=")
-    total = int(body[0])
-    for operator, digit in zip(body[1::2], body[2::2]):
-        total = total + int(digit) if operator == "+" else total - int(digit)
-    return str(total % 10)
+    """The exact sum of "d+d+...+d=" in decimal."""
+    operands = question.removesuffix("=").split("+")
+    if not all(len(operand) == 1 and operand.isdigit() for operand in operands):
+        raise RadialError(f"synthetic question must be single digits joined by '+' and end with '=': {question!r}")
+    return str(sum(int(operand) for operand in operands))
 
 
 def _per_level(n: int, levels: int) -> list[int]:
