@@ -1,0 +1,346 @@
+"""Distill stage: the sequential (dense) model into a token-routed radial student, under DeepSpeed ZeRO.
+
+    python -m radial distill --model results/models/dense --data-dir results/data --out results/models/radial
+
+The student is the teacher's own layers plus a token router (`GateTokenRouter`: per layer a
+linear gate on the hidden state of each token; logit > 0 runs the layer for the token, otherwise
+its hidden state passes through unchanged). It starts as an exact copy of the teacher (the gates
+start open) and learns, on the text the base model was pre-trained on, to
+
+    match the teacher's next-token distribution   T^2 KL(p_teacher^T || p_student^T) per real token
+    (optionally) its final hidden states          hidden_weight * MSE of the final-norm outputs
+    run `target_fraction` of the layers per token compute_weight * (executed fraction - target)^2
+
+Routing is hard in the forward pass also while training, exactly as at inference; the gates get
+gradients through the straight-through estimator (RoutedForCausalLM.straight_through_token_gates):
+value = the 0/1 decision, gradient = that of sigmoid(logit). The compute penalty is on those
+gates, so it sees the depth the student really runs. The layers fine-tune at --lr, the gates at
+--router-lr (they start from zero weights and must move fast); --no-train-layers trains gates only.
+
+Keys and values of skipped tokens. A token that skips layer l still writes keys and values at
+layer l, computed by the layer's own attention projections from the hidden state the token
+carries into layer l (its state after the layers it did run); later tokens attend to them as in
+the dense model. This is FlexiDepth's choice (arXiv 2503.23798) over the alternatives (leaving a
+hole in the cache, which changes the attention pattern per token, or copying the previous layer's
+entry). The same rule holds in training, in uncached inference and in cached decoding, so cached
+generation equals uncached generation (tests check it) and the student is trained exactly as it
+runs. The reference implementation runs the whole layer for every token and selects; a kernel
+that projects only K/V for skipped tokens would turn the skipped share into saved compute.
+Layer reuse (a token repeating a layer) is not implemented: the token routers skip or execute.
+
+Output: a routed model folder (routing config, router.safetensors, the fine-tuned layers under
+base/ as safetensors via save_pretrained, tokenizer) that loads with
+`AutoModelForCausalLM.from_pretrained` after `import radial.routing`, plus `training.json`,
+`curves.png` and `layers.png` (share of tokens each layer runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radial import training
+from radial.utils import RadialError, add_common_arguments, seed_everything
+
+INFO_FILE = "training.json"
+HELD_OUT_BATCHES = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="the sequential teacher (HF model folder)")
+    parser.add_argument("--data-dir", required=True, type=Path, help="normalized data (synthetic + benchmark train splits)")
+    parser.add_argument("--out", required=True, type=Path, help="student model folder to write (atomically)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per packed training sequence")
+    parser.add_argument("--benchmark-fraction", type=float, default=0.2, help="share of benchmark-text sequences")
+    parser.add_argument(
+        "--target-fraction", type=float, default=0.75, help="share of layers each token should run on average"
+    )
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state MSE matching")
+    parser.add_argument("--compute-weight", type=float, default=5.0, help="weight of the depth penalty")
+    parser.add_argument("--router-lr", type=float, default=1e-2, help="peak learning rate of the token gates")
+    parser.add_argument("--init-bias", type=float, default=1.0, help="initial gate logit (> 0: every token runs)")
+    parser.add_argument(
+        "--train-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fine-tune the student's layers too (else only the gates)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    training.add_train_arguments(
+        parser, steps=200, batch_size=16, grad_accum=1, lr=3e-4, warmup_steps=20, weight_decay=0.0, eval_every=50
+    )
+    add_common_arguments(parser)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    checks = {
+        "--target-fraction": 0 < args.target_fraction <= 1,
+        "--temperature": args.temperature > 0,
+        "--hidden-weight": args.hidden_weight >= 0,
+        "--compute-weight": args.compute_weight >= 0,
+        "--router-lr": args.router_lr > 0,
+        "--seq-len": args.seq_len >= 2,
+    }
+    for flag, ok in checks.items():
+        if not ok:
+            raise RadialError(f"invalid {flag} {getattr(args, flag[2:].replace('-', '_'))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, real: torch.Tensor, temperature: float):
+    """T^2 KL(teacher_T || student_T), mean over the real tokens (real: [batch, seq] bool)."""
+    s = torch.log_softmax(student_logits.float()[real] / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float()[real] / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def executed_fraction(gates: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of the share of layers run (straight-through: value exact, gradient soft)."""
+    if not gates:
+        raise RadialError("no token gates were recorded (is the student in token routing mode?)")
+    per_token = torch.stack(gates).mean(0)  # [batch, seq]
+    return per_token[real].mean()
+
+
+class FinalHidden:
+    """Keeps the output of a model's final norm (the hidden state the LM head reads)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self._handle = norm.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.value = output
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class Distiller:
+    """loss_fn for the harness: the student (through the engine) against the frozen teacher."""
+
+    def __init__(self, teacher: nn.Module, args: argparse.Namespace) -> None:
+        self.teacher = teacher
+        self.args = args
+        self.teacher_hidden = FinalHidden(teacher.base_model.norm)
+        self.student_hidden: FinalHidden | None = None
+
+    def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        student = engine.module
+        if self.student_hidden is None:
+            self.student_hidden = FinalHidden(student.parts.norm)
+        real = batch["attention_mask"].bool()
+        if next(self.teacher.parameters()).device != batch["input_ids"].device:
+            self.teacher.to(batch["input_ids"].device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with student.straight_through_token_gates() as gates:
+            student_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        kl = distillation_kl(student_logits, teacher_logits, real, self.args.temperature)
+        fraction = executed_fraction(gates, real)
+        penalty = (fraction - self.args.target_fraction) ** 2
+        loss = kl + self.args.compute_weight * penalty
+        metrics = {"kl": kl.item(), "executed_fraction": fraction.item()}
+        if self.args.hidden_weight > 0:
+            hidden = nn.functional.mse_loss(
+                self.student_hidden.value.float()[real], self.teacher_hidden.value.float()[real]
+            )
+            loss = loss + self.args.hidden_weight * hidden
+            metrics["hidden_mse"] = hidden.item()
+        with torch.no_grad():
+            labels = batch["labels"]
+            metrics["ce"] = nn.functional.cross_entropy(
+                student_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            ).item()
+        return loss, metrics
+
+
+def with_padding_mask(batches):
+    """The fine-tuning batches with attention_mask = every token but the right padding.
+
+    (Their labels are -100 on prompt tokens too, which carry no loss but are real context.)
+    """
+
+    def batch_for_step(micro_step: int) -> dict:
+        batch = dict(batches(micro_step))
+        batch["attention_mask"] = (batch["input_ids"] != batches.pad_id).long()
+        return batch
+
+    return batch_for_step
+
+
+@torch.no_grad()
+def held_out_metrics(student, teacher, batches: list[dict], temperature: float) -> dict:
+    """KL to the teacher, executed fraction (hard, as at inference) and per-layer run shares."""
+    student.eval()
+    device = student.parts.lm_head.weight.device
+    kl_sum, tokens, layer_runs = 0.0, 0, None
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        real = batch["attention_mask"].bool()
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with student.straight_through_token_gates() as gates:
+            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        count = int(real.sum())
+        kl_sum += distillation_kl(student_logits, teacher_logits, real, temperature).item() * count
+        tokens += count
+        runs = torch.stack([g[real].sum() for g in gates]).cpu()
+        layer_runs = runs if layer_runs is None else layer_runs + runs
+    shares = (layer_runs / tokens).tolist()
+    return {"kl": kl_sum / tokens, "executed_fraction": sum(shares) / len(shares), "layer_share": shares}
+
+
+@torch.no_grad()
+def cache_consistency(student, tokenizer, prompts: list[str], max_new_tokens: int = 8) -> bool:
+    """Greedy generation with the KV cache equals generation without it, on a few prompts."""
+    student.eval()
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(student.parts.lm_head.weight.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = student.generate(**encoded, use_cache=True, **kwargs)
+    uncached = student.generate(**encoded, use_cache=False, **kwargs)
+    return bool(torch.equal(cached, uncached))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from radial import tracking
+    from radial.baselines.common import write_variant_folder
+    from radial.baselines.finetune import FinetuneBatches, load_for_finetuning
+    from radial.layers import find_decoder_layers
+    from radial.routing import GateTokenRouter, RoutedForCausalLM
+    from radial.utils import read_jsonl
+
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if training.rank() != 0:  # one wandb run per stage, from rank 0
+        os.environ["WANDB_MODE"] = "disabled"
+    seed_everything(args.seed)
+    cfg = training.train_config_from_args(args)
+    checkpoint_dir = training.checkpoint_dir_for(args)
+    student_base, tokenizer = load_for_finetuning(args.model)
+    teacher_dtype = torch.bfloat16 if training.use_bf16(cfg.bf16) else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=teacher_dtype).eval().requires_grad_(False)
+    num_layers = len(find_decoder_layers(student_base))
+    router = GateTokenRouter(num_layers, student_base.config.hidden_size, init_bias=args.init_bias)
+    student = RoutedForCausalLM.from_base(student_base, router=router).train()
+    groups = [{"params": list(router.parameters()), "lr": args.router_lr}]
+    if args.train_layers:
+        groups.append({"params": list(student_base.parameters()), "lr": cfg.lr})
+    batches = with_padding_mask(
+        FinetuneBatches(tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed)
+    )
+    distiller = Distiller(teacher, args)
+    # Held out: the micro-batches right after the ones training uses.
+    held_out = [batches(cfg.steps * cfg.grad_accum + i) for i in range(HELD_OUT_BATCHES)]
+
+    def evaluate(engine) -> dict[str, float]:
+        metrics = held_out_metrics(engine.module, teacher, held_out[:2], args.temperature)
+        engine.module.train()
+        return {"kl": metrics["kl"], "executed_fraction": metrics["executed_fraction"]}
+
+    settings = ("seq_len", "benchmark_fraction", "target_fraction", "temperature", "hidden_weight",
+                "compute_weight", "router_lr", "init_bias", "train_layers")
+    fingerprint = {
+        **{key: getattr(args, key) for key in settings},
+        "model": training.file_fingerprint(args.model),
+        "data": training.file_fingerprint(Path(args.data_dir) / "synthetic" / "train.jsonl"),
+    }
+    with tracking.stage_run("distill", args, config={"num_layers": num_layers, "train_config": vars(cfg)}) as run:
+        result = training.train(
+            student, groups, batches, distiller, cfg, checkpoint_dir, run=run, desc="distill",
+            eval_fn=evaluate, fingerprint=fingerprint,
+        )
+        state = training.gathered_state_dict(result.engine)  # collective under ZeRO-3: every rank
+        if training.rank() != 0:
+            return 0
+        device = result.engine.device
+        trained_base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        trained_base.load_state_dict({k: v for k, v in state.items() if not k.startswith("router.")})
+        trained_router = GateTokenRouter(num_layers, student_base.config.hidden_size, init_bias=args.init_bias)
+        trained_router.load_state_dict({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")})
+        final = RoutedForCausalLM.from_base(trained_base, router=trained_router).to(device).eval()
+        final.config.base_model_name_or_path = str(args.model)
+        teacher.to(device)
+
+        held = held_out_metrics(final, teacher, held_out, args.temperature)
+        test_file = Path(args.data_dir) / "synthetic" / "test.jsonl"
+        prompts = [row["question"] for row in read_jsonl(test_file)[:8]] if test_file.is_file() else ["1+2="]
+        consistent = cache_consistency(final, tokenizer, prompts)
+        if not consistent:
+            raise RadialError("the student's cached generation differs from its uncached generation")
+        summary = {
+            "num_layers": num_layers,
+            "target_fraction": args.target_fraction,
+            "held_out": {**held, "executed_layers": held["executed_fraction"] * num_layers},
+            "cache_equals_no_cache": consistent,
+            "final_train": {k: v for k, v in result.history[-1].items() if k not in ("step", "seconds")},
+            "resumed_from_step": result.resumed_from,
+            "train_config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+            "loss": {k: getattr(args, k) for k in settings},
+            "history": result.history,
+        }
+        info = {
+            "method": "radial",
+            "description": f"token-routed student distilled from the dense model, target {args.target_fraction:.0%} "
+            f"of layers per token (held-out: {held['executed_fraction'] * num_layers:.2f} of {num_layers})",
+            "base_model": str(args.model),
+            "num_layers": num_layers,
+        }
+
+        def extra(tmp: Path) -> None:
+            if args.train_layers:
+                trained_base.save_pretrained(tmp / "base")
+                tokenizer.save_pretrained(tmp / "base")
+                final.config.base_model_name_or_path = str(tmp / "base")
+            (tmp / INFO_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            keys = [k for k in ("loss", "kl", "executed_fraction", "hidden_mse", "ce", "val_kl", "val_executed_fraction")
+                    if any(k in row for row in result.history)]
+            training.plot_history(result.history, tmp / "curves.png", keys=keys, title="radial distillation")
+            plot_layer_share(held["layer_share"], args.target_fraction, tmp / "layers.png")
+
+        write_variant_folder(final, args.model, args.out, info, extra=extra)
+        run.summary.update({"held_out/kl": held["kl"], "held_out/executed_layers": held["executed_fraction"] * num_layers})
+        tracking.log_image(run, "distill/curves", args.out / "curves.png")
+        tracking.log_image(run, "distill/layers", args.out / "layers.png")
+        tracking.log_artifact(run, f"{args.run_name}-radial", "model", [args.out])
+    training.discard_checkpoints(checkpoint_dir)
+    print(
+        f"distill: held-out KL {held['kl']:.4f}, {held['executed_fraction'] * num_layers:.2f} of {num_layers} layers "
+        f"per token (target {args.target_fraction * num_layers:.2f}), cache == no cache: {consistent} -> {args.out}"
+    )
+    return 0
+
+
+def plot_layer_share(shares: list[float], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(shares) + 2), 3.2))
+    ax.bar(range(len(shares)), shares, color="C0")
+    ax.axhline(target, color="C3", linestyle="--", linewidth=1, label=f"target mean {target:.2f}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of tokens run")
+    ax.set_title("radial student: tokens executing each layer (held out)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,50 @@
+# Radial distillation: the dense model (teacher) into a token-routed student of its own layers,
+# on the DeepSpeed harness (radial.training), trained on the same text as the fine-tuned baselines.
+# Checkpoints go to results/train/distill/checkpoints/ (not a declared output: a killed job resumes).
+# distill.gpus: 0 = CPU, 1 = one GPU, N > 1 = N GPUs through the `deepspeed` launcher.
+DISTILL_TRAIN_KEYS = [
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "router_lr",
+    "warmup_steps",
+    "weight_decay",
+    "zero_stage",
+    "checkpoint_every",
+    "eval_every",
+    "seq_len",
+    "benchmark_fraction",
+    "target_fraction",
+    "temperature",
+    "hidden_weight",
+    "compute_weight",
+    "init_bias",
+]
+
+
+rule distill:
+    input:
+        model="results/models/dense",
+        data=expand("results/data/{task}", task=TASKS),
+    output:
+        directory("results/models/radial"),
+    log:
+        "logs/distill.log",
+    benchmark:
+        "benchmarks/distill.tsv"
+    params:
+        launcher=train_launcher(config["distill"]["gpus"]),
+        checkpoints="results/train/distill/checkpoints",
+        flags=cli_flags({key: config["distill"][key] for key in DISTILL_TRAIN_KEYS}),
+        train_layers="--train-layers" if config["distill"]["train_layers"] else "--no-train-layers",
+        common=common_flags(),
+    threads: workflow.cores
+    resources:
+        gpu=config["distill"]["gpus"],
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "{params.launcher} distill --model {input.model} --data-dir results/data --out {output}"
+        " --checkpoint-dir {params.checkpoints} --threads {threads} {params.train_layers}"
+        " {params.flags} {params.common} > {log} 2>&1"
