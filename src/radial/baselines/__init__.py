@@ -1,0 +1,17 @@
+"""Baselines the routed models are measured against, each a workflow stage and an evaluation variant.
+
+    shortgpt   ShortGPT static pruning (arXiv 2403.03853): drop the k layers of lowest Block
+               Influence from the profile; variant `shortgpt-k{k}`.
+    soft       Sorted fine-tuning (SoFT, arXiv 2309.08968): one model fine-tuned so that its first n
+               layers, through the shared final norm and LM head, are a sub-model for every exit n.
+    soft-exit  SoFT variants over the fine-tuned model: the first n layers (`soft-exit{n}`), or a
+               confidence-threshold early exit (`soft-conf{threshold}`).
+    dlo        DLO-style token skipping (arXiv 2407.11030): per-layer linear routers trained during
+               fine-tuning on cosine-similarity labels; variant `dlo-c{capacity}`.
+
+Every variant is a model folder that `AutoModelForCausalLM.from_pretrained` loads (after
+`import radial.routing`), with its tokenizer and a `radial_variant.json` saying what it is; the
+evaluation stage treats it like the dense model.
+"""
+
+VARIANT_INFO = "radial_variant.json"
