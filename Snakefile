@@ -12,6 +12,10 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base_model.smk"
 include: "workflow/rules/profile.smk"
+include: "workflow/rules/mcts.smk"
+include: "workflow/rules/baselines.smk"
+include: "workflow/rules/routers.smk"
+include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
@@ -20,4 +24,5 @@ rule all:
     input:
         "results/report/report.md",
         "results/report/table.csv",
+        "results/mcts/labels.jsonl",
     default_target: True

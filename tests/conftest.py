@@ -84,14 +84,23 @@ def shared_data() -> Path:
 
 
 def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", help="also run tests marked slow (the full suite, as CI does)")
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (the suite CI runs)")
+    parser.addoption(
+        "--integration",
+        action="store_true",
+        help="also run tests marked integration: a real SLURM cluster, workflow-level SIGKILL runs, MCTS optimality "
+        "(tens of minutes on 2 cores)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without --slow, slow tests are deselected (reported as such), never silently passed."""
-    if config.getoption("--slow"):
-        return
-    slow = [item for item in items if "slow" in item.keywords]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if "slow" not in item.keywords]
+    """Without --slow / --integration, those tests are deselected (reported as such), never silently passed."""
+    excluded = set()
+    if not config.getoption("--slow"):
+        excluded.add("slow")
+    if not config.getoption("--integration"):
+        excluded.add("integration")
+    deselected = [item for item in items if excluded & set(item.keywords)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not excluded & set(item.keywords)]

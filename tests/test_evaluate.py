@@ -8,6 +8,7 @@ responses) of the plain `lm_eval` command line on the same model folder and task
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import random
@@ -253,8 +254,10 @@ def test_batching_and_a_tokenizer_without_pad_token_do_not_change_results(
 
     no_pad_dir = tmp_path / "no-pad"  # the same model; lm-eval must pick a pad token to batch
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(no_pad_dir)
+    backend = copy.deepcopy(tiny_tokenizer.backend_tokenizer)
+    backend.no_padding()  # a padded call elsewhere on the shared fixture leaves padding (and its pad token) set
     PreTrainedTokenizerFast(
-        tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     ).save_pretrained(no_pad_dir)
     assert AutoTokenizer.from_pretrained(no_pad_dir).pad_token is None
 

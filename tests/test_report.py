@@ -67,3 +67,64 @@ def test_report_cli_writes_markdown_and_csv(tmp_path):
     assert "virology" not in report  # MMLU subjects go to subtasks.csv, not the page
     subtasks = pd.read_csv(out / "subtasks.csv")
     assert set(subtasks.subtask) == {"level1", "level5", "anatomy", "virology"}
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    from radial.comparison import pareto_front
+
+    layers = [12, 8, 8, 6, 10, 4]
+    accuracy = [0.60, 0.50, 0.40, 0.50, 0.45, 0.20]
+    assert pareto_front(layers, accuracy) == [5, 3, 0]  # by depth: 4 layers, 6 layers, dense
+
+
+def test_equal_depth_pairs_each_dynamic_variant_with_the_static_curves():
+    from radial.comparison import equal_depth_comparison, with_methods
+
+    table = with_methods(build_table([
+        _evaluation("dense", "arc_easy", 0.60, 12, 10.0),
+        _evaluation("shortgpt-k4", "arc_easy", 0.40, 8, 7.0),
+        _evaluation("shortgpt-k2", "arc_easy", 0.50, 10, 8.0),
+        _evaluation("soft-exit6", "arc_easy", 0.30, 6, 5.0),
+        _evaluation("soft-exit12", "arc_easy", 0.58, 12, 10.0),
+        _evaluation("routers-b0.5", "arc_easy", 0.52, 9, 6.0),  # between shortgpt-k4 and -k2
+        _evaluation("dlo-c0.25", "arc_easy", 0.35, 5, 11.0),  # shallower than every curve point
+    ]))
+    pairs = equal_depth_comparison(table).set_index(["variant", "reference"])
+    routers_vs_shortgpt = pairs.loc[("routers-b0.5", "shortgpt")]
+    assert routers_vs_shortgpt.reference_accuracy == pytest.approx(0.45)  # halfway from 0.40 (8) to 0.50 (10)
+    assert routers_vs_shortgpt.accuracy_gain == pytest.approx(0.07)
+    assert routers_vs_shortgpt.bracketed_by == "shortgpt-k4 – shortgpt-k2"
+    assert pairs.loc[("routers-b0.5", "soft-exit")].reference_accuracy == pytest.approx(0.30 + 0.28 * 3 / 6)
+    dlo = pairs.loc[("dlo-c0.25", "shortgpt")]
+    assert pd.isna(dlo.reference_accuracy) and dlo.bracketed_by.startswith("outside")
+    assert set(pairs.index.get_level_values(0)) == {"routers-b0.5", "dlo-c0.25"}  # static curves are references only
+
+
+def test_report_compares_methods_with_a_pareto_plot(tmp_path):
+    models = tmp_path / "models"
+    (models / "shortgpt-k4").mkdir(parents=True)
+    (models / "shortgpt-k4" / "radial_variant.json").write_text(json.dumps(
+        {"method": "shortgpt", "description": "ShortGPT: the 4 layers of lowest Block Influence removed (1, 2, 3, 5)"}
+    ))
+    evaluations = []
+    for task, scale in (("arc_easy", 1.0), ("synthetic", 0.5)):
+        evaluations += [
+            _evaluation("dense", task, 0.6 * scale, 12, 10.0),
+            _evaluation("shortgpt-k4", task, 0.4 * scale, 8, 6.0) | {"model": str(models / "shortgpt-k4")},
+            _evaluation("dlo-c0.25", task, 0.5 * scale, 9, 12.5),
+        ]
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, "-m", "radial", "report", "--evaluations", *_write(tmp_path, evaluations),
+                    "--out-dir", str(out), "--run-name", "unit"], check=True, capture_output=True)
+    assert (out / "pareto.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "![accuracy against average executed layers](pareto.png)" in report
+    assert "ShortGPT: the 4 layers of lowest Block Influence removed" in report  # what was run
+    assert "| shortgpt-k4 | ShortGPT pruning | 0.400 · 8.0 · 1.67× | 0.200 · 8.0 · 1.67× |" in report
+    assert "| dlo-c0.25 | DLO-style skip | 0.500 · 9.0 · 0.80× |" in report
+    table = pd.read_csv(out / "table.csv")
+    assert table.set_index(["variant", "task"]).speedup_vs_dense["shortgpt-k4", "arc_easy"] == pytest.approx(10 / 6)
+    pairs = pd.read_csv(out / "equal_depth.csv")
+    assert pairs.variant.unique().tolist() == ["dlo-c0.25"]
+    assert pairs.reference_accuracy.tolist() == pytest.approx([0.45, 0.225])  # 9 layers: 1/4 from 8 to 12
+    assert "### Findings" in report and "### Limits" in report

@@ -8,8 +8,10 @@ import sys
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import PROJECT_ROOT
+from radial.variants import evaluation_variants
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(PROJECT_ROOT / "Snakefile")]
 TINY_CONFIG = str(PROJECT_ROOT / "tests/workflow/config.yaml")
@@ -29,10 +31,16 @@ def test_tiny_workflow_end_to_end(tmp_path):
 
     report = tmp_path / "results/report"
     table = pd.read_csv(report / "table.csv")
-    assert sorted(table.task) == sorted(["arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic"])
-    assert (table.variant == "dense").all()
+    variants = evaluation_variants(yaml.safe_load(open(TINY_CONFIG)))
+    assert {"dense", "shortgpt-k2", "soft-exit2", "soft-conf0.5", "dlo-c0.25"} <= set(variants)  # the baselines' sweeps
+    assert sorted(zip(table.variant, table.task)) == sorted(
+        (v, t) for v in variants for t in ["arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic"]
+    )
     assert table.accuracy.between(0, 1).all()
-    assert (table.avg_executed_layers == 4).all()  # the tiny config's 4 dense layers
+    layers = table.groupby("variant").avg_executed_layers
+    assert (layers.min()[["dense"]] == 4).all() and (layers.max()[["shortgpt-k2", "soft-exit2"]] == 2).all()
+    assert layers.min()[["soft-conf0.5", "dlo-c0.25"]].between(0, 4).all()
+    assert (report / "pareto.png").stat().st_size > 0
     assert (table.wall_time_s > 0).all()
     markdown = (report / "report.md").read_text()
     assert "![residual ratio by layer and position](heatmap.png)" in markdown

@@ -17,6 +17,13 @@ STAGES = {
     "data": ("radial.data", "normalize benchmark files (ARC, GSM8K, MMLU) and build the synthetic task"),
     "base-model": ("radial.base_model", "build and pre-train the embedded tiny model, or fetch a Hub/local model"),
     "profile": ("radial.profile", "residual profiling: residual ratio, block influence, cosine per layer and token"),
+    "mcts": ("radial.mcts", "MCTS layer-path search: per-example skip/execute/repeat labels for router training"),
+    "routers": ("radial.routers_train", "Dr.LLM routers trained on MCTS layer labels, base frozen (DeepSpeed ZeRO)"),
+    "distill": ("radial.distill", "distil the dense model into a token-routed radial student (DeepSpeed ZeRO)"),
+    "shortgpt": ("radial.baselines.shortgpt", "ShortGPT baseline: prune the k layers of lowest Block Influence"),
+    "soft": ("radial.baselines.soft", "SoFT baseline: sorted fine-tuning of nested sub-models (shared norm and head)"),
+    "soft-exit": ("radial.baselines.soft_exit", "SoFT variants: a fixed exit depth or a confidence-threshold early exit"),
+    "dlo": ("radial.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
     "evaluate": ("radial.evaluate", "evaluate one model variant on one task with the stock lm-evaluation-harness"),
     "report": ("radial.report", "collect evaluations and profiling plots into report.md and table.csv"),
 }

@@ -2,8 +2,9 @@
 
 Reads the evaluation JSONs written by `radial evaluate`, the profiling folder and the base
 model's `radial_base.json`; writes `report.md`, `table.csv`, `subtasks.csv` (synthetic levels,
-MMLU subjects) and copies of the plots beside them,
-and logs the table to wandb.
+MMLU subjects), `equal_depth.csv`, `pareto.png` and copies of the plots beside them,
+and logs the tables to wandb. The comparison of methods (what was run, the accuracy-depth-speed
+table, the Pareto plot, the equal-depth pairs, findings and limits) comes from radial.comparison.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from radial import tracking
+from radial import comparison, tracking
 from radial.utils import RadialError, add_common_arguments, atomic_path
 
 TABLE_COLUMNS = [
@@ -96,6 +97,7 @@ def render(
     base_info: dict | None,
     profile_summary: dict | None,
     images: dict[str, str],
+    comparison_lines: list[str] | None = None,
 ) -> str:
     lines = [f"# radial report: {run_name}", ""]
     if base_info:
@@ -106,8 +108,12 @@ def render(
             f"{base_info.get('num_parameters', 0):,} parameters",
         ]
         if base_info.get("synthetic_accuracy"):
-            levels = ", ".join(f"L{k}: {v:.2f}" for k, v in sorted(base_info["synthetic_accuracy"].items()))
-            lines.append(f"- synthetic accuracy after pre-training by level ({levels}); chance {base_info.get('chance')}")
+            chance = base_info.get("chance") or {}
+            levels = ", ".join(
+                f"L{k}: {v:.2f}" + (f" (chance {chance[k]:.2f})" if isinstance(chance, dict) and k in chance else "")
+                for k, v in sorted(base_info["synthetic_accuracy"].items())
+            )
+            lines.append(f"- synthetic accuracy after pre-training by level: {levels}")
         if "loss" in images:
             lines += ["", f"![pre-training loss]({images['loss']})"]
         lines.append("")
@@ -118,12 +124,14 @@ def render(
         "pass on average; wall time is the evaluation alone (model loading excluded); speedup is the dense wall "
         "time over the variant's on the same task.",
         "",
+        *(comparison_lines + ["### Every variant × task", ""] if comparison_lines else []),
         _markdown(table),
         "",
     ]
     levels = subtasks[subtasks.task == "synthetic"]
     if not levels.empty:
-        wide = levels.pivot(index="variant", columns="subtask", values="accuracy").reset_index()
+        wide = levels.pivot(index="variant", columns="subtask", values="accuracy")
+        wide = wide.loc[sorted(wide.index, key=comparison.variant_sort_key)].reset_index()
         lines += ["### Synthetic task by difficulty level", "", _markdown(wide), ""]
     if (subtasks.task != "synthetic").any():
         lines += ["Per-subject accuracy (MMLU) is in `subtasks.csv`.", ""]
@@ -142,8 +150,9 @@ def render(
 
 def main(args: argparse.Namespace) -> int:
     evaluations = load_evaluations(args.evaluations)
-    table = build_table(evaluations)
+    table = comparison.with_methods(build_table(evaluations))
     subtasks = subtask_table(evaluations)
+    equal_depth = comparison.equal_depth_comparison(table)
 
     base_info = None
     if args.base_model and (args.base_model / "radial_base.json").exists():
@@ -165,17 +174,28 @@ def main(args: argparse.Namespace) -> int:
                 shutil.copyfile(source, tmp)
             images[key] = f"{key}.png"
 
+    with atomic_path(args.out_dir / "pareto.png") as tmp:
+        comparison.plot_pareto(table, tmp, f"{args.run_name}: accuracy against average executed layers")
+    images["pareto"] = "pareto.png"
+    comparison_lines = comparison.results_section(
+        table, equal_depth, evaluations, comparison.variant_infos(evaluations), base_info, _markdown, images["pareto"]
+    )
+
     with atomic_path(args.out_dir / "table.csv") as tmp:
         table.to_csv(tmp, index=False)
+    with atomic_path(args.out_dir / "equal_depth.csv") as tmp:
+        equal_depth.to_csv(tmp, index=False)
     with atomic_path(args.out_dir / "subtasks.csv") as tmp:
         subtasks.to_csv(tmp, index=False)
     with atomic_path(args.out_dir / "report.md") as tmp:
-        tmp.write_text(render(args.run_name, table, subtasks, base_info, profile_summary, images))
+        tmp.write_text(render(args.run_name, table, subtasks, base_info, profile_summary, images, comparison_lines))
 
     with tracking.stage_run("report", args) as run:
         import wandb
 
         run.log({"results": wandb.Table(dataframe=table)})
+        if not equal_depth.empty:
+            run.log({"equal_depth": wandb.Table(dataframe=equal_depth)})
         if not subtasks.empty:
             run.log({"subtasks": wandb.Table(dataframe=subtasks)})
         for key in images:

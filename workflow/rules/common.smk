@@ -7,6 +7,8 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.config import describe_validation_error, find_validation_error
+from radial.utils import RadialError
+from radial.variants import evaluation_variants, is_baseline_variant, soft_exits
 
 
 try:
@@ -20,7 +22,10 @@ except WorkflowError as err:
 
 TASKS = ["arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic"]
 BENCHMARKS = ["arc_easy", "arc_challenge", "gsm8k", "mmlu"]
-VARIANTS = config["evaluate"]["variants"]
+try:
+    VARIANTS = evaluation_variants(config)  # evaluate.variants families expanded over their sweeps
+except RadialError as err:
+    raise WorkflowError(str(err)) from None
 EVAL_TASKS = config["evaluate"]["tasks"]
 PROJECT_DIR = Path(workflow.basedir)
 
@@ -74,9 +79,34 @@ def base_model_flags(wildcards):
 
 
 def variant_model(wildcards):
-    return {"dense": "results/models/dense"}[wildcards.variant]
+    if is_baseline_variant(wildcards.variant):
+        return f"results/models/{wildcards.variant}"
+    return {"dense": "results/models/dense", "routers": "results/models/routers", "radial": "results/models/radial"}[
+        wildcards.variant
+    ]
 
 
+def gpus(device):
+    """GPUs a job on `device` holds: the workstation profile's `gpu` limit keeps GPU jobs from
+    overlapping, and the SLURM executor turns `gpu=1` into `sbatch --gpus=1`. "auto" may pick a GPU."""
+    return 0 if str(device).startswith("cpu") else 1
+
+
+def train_launcher(num_gpus):
+    """How a training stage starts: 0 = one CPU process (GPUs hidden, DeepSpeed's CPU accelerator),
+    1 = one process on one GPU, N > 1 = the `deepspeed` launcher with one process per GPU
+    (`--no_local_rank`: ranks come from the environment, not from an appended flag)."""
+    if num_gpus > 1:
+        return f"deepspeed --num_gpus {num_gpus} --no_local_rank --module radial"
+    if num_gpus == 1:
+        return "python -m radial"
+    return "CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu python -m radial"
+
+
+def mcts_shard_flags(wildcards):
+    """Scatter item '3-of-4' -> the 0-based shard index and the shard count of `radial mcts search`."""
+    index, total = wildcards.scatteritem.split("-of-")
+    return f"--shard {int(index) - 1} --shards {total}"
 
 
 # Jobs run `python -m radial` from this checkout inside whichever environment runs them (the

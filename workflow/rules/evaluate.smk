@@ -12,6 +12,8 @@ rule evaluate:
         num_fewshot=lambda wildcards: config["evaluate"]["num_fewshot"][wildcards.task],
         flags=cli_flags({k: config["evaluate"][k] for k in ("limit", "batch_size", "max_gen_toks", "device")}),
         common=common_flags(),
+    resources:
+        gpu=gpus(config["evaluate"]["device"]),
     conda:
         "../../envs/eval.yaml"
     shell:

@@ -12,6 +12,8 @@ rule profile:
         split=config["profile"]["split"],
         flags=cli_flags({k: v for k, v in config["profile"].items() if k not in ("task", "split")}),
         common=common_flags(),
+    resources:
+        gpu=gpus("auto"),  # the profile stage runs on a GPU when one is visible
     conda:
         "../../envs/eval.yaml"
     shell:

@@ -6,6 +6,8 @@ rule report:
     output:
         report="results/report/report.md",
         table="results/report/table.csv",
+        pareto="results/report/pareto.png",
+        equal_depth="results/report/equal_depth.csv",
     log:
         "logs/report.log",
     params:

@@ -15,7 +15,14 @@ Importing this package registers the routed config/model with transformers' Auto
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from radial.routing.cache import RoutedCache
-from radial.routing.model import RoutedConfig, RoutedForCausalLM, reference_forward
+from radial.routing.early_exit import ConfidenceExitRouter
+from radial.routing.model import (
+    RoutedConfig,
+    RoutedForCausalLM,
+    attention_masks,
+    call_decoder_layer,
+    reference_forward,
+)
 from radial.routing.paths import (
     EXECUTE,
     REPEAT,
@@ -49,6 +56,7 @@ __all__ = [
     "EXECUTE",
     "REPEAT",
     "SKIP",
+    "ConfidenceExitRouter",
     "DrLLMRouter",
     "FunctionRouter",
     "GateTokenRouter",
@@ -59,7 +67,9 @@ __all__ = [
     "RouterBudget",
     "Step",
     "TokenRouter",
+    "attention_masks",
     "build_router",
+    "call_decoder_layer",
     "counts_to_path",
     "dense_path",
     "is_monotone",

@@ -30,7 +30,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -191,6 +191,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.parts = self._find_parts(base_model)
         self.layer_types, _ = layer_types_of(self.text_config)
         self.router = router
+        self._bind_router()
         self.budget = RouterBudget(**(config.budget or {}))
         self.static_paths = (
             [validate_path(p, self.num_layers) for p in config.static_paths] if config.static_paths else None
@@ -199,6 +200,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(base_model, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(base_model.generation_config)
         self._generate_memo: dict[str, Any] | None = None
+        self.token_gates: list[torch.Tensor] | None = None  # filled inside straight_through_token_gates()
         self.reset_layer_counter()
         self.post_init()
 
@@ -300,11 +302,18 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
     def set_router(self, router: nn.Module, budget: RouterBudget | None = None) -> None:
         """Router-decided (Router) or token-level (TokenRouter) routing."""
         self.router = router
+        self._bind_router()
         self.config.routing_mode = _router_mode(router)
         self.config.router = router_spec(router) if _is_registered(router) else None
         if budget is not None:
             self.set_budget(budget)
         self._check_mode()
+
+    def _bind_router(self) -> None:
+        """A router that reads the model's own modules (an early exit's final norm and LM head) gets them."""
+        bind = getattr(self.router, "bind", None)
+        if callable(bind):
+            bind(self.parts)
 
     def set_budget(self, budget: RouterBudget) -> None:
         self.budget = budget
@@ -322,6 +331,21 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             yield
         finally:
             self.config.routing_mode, self.static_paths, self.config.static_paths = saved
+
+    @contextmanager
+    def straight_through_token_gates(self) -> Iterator[list[torch.Tensor]]:
+        """Token mode made trainable: yields the list that collects one gate [batch, seq] per layer call.
+
+        Inside, the forward still routes hard (a token runs the layer iff its logit > 0), so values
+        equal inference exactly, but gradients reach the token router by the straight-through
+        estimator through sigmoid(logit). Each gate's value is the hard decision (0 or 1), its
+        gradient that of the sigmoid, so a compute penalty on the gates sees the real depth.
+        """
+        self.token_gates = []
+        try:
+            yield self.token_gates
+        finally:
+            self.token_gates = None
 
     # ----------------------------------------------------------------- layer counting
     def reset_layer_counter(self) -> None:
@@ -439,16 +463,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         needed = set(self.layer_types)
         if cache is not None and cache.decided:
             needed = {self.layer_types[step.layer] for step in cache.steps} or {self.layer_types[0]}
-        return {
-            layer_type: _MASK_FUNCTIONS[layer_type](
-                config=self.text_config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-            )
-            for layer_type in needed
-        }
+        return attention_masks(self.text_config, needed, hidden, attention_mask, cache, position_ids)
 
     def _fixed_paths(self, paths: Any, batch_size: int) -> list[tuple[int, ...]] | None:
         """The per-example paths of this forward, or None when the router is to decide them."""
@@ -472,17 +487,16 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         """Run one stock decoder layer on the step's rows, called as the model's own forward calls it."""
         mask, position_ids, position_embeddings = inputs.for_rows(step)
         rows_hidden = hidden if step.rows is None else hidden.index_select(0, step.rows)
-        out = self.parts.layers[step.layer](
+        out = call_decoder_layer(
+            self.parts.layers[step.layer],
             rows_hidden,
-            attention_mask=mask,
+            mask=mask,
             position_ids=position_ids,
+            position_embeddings=position_embeddings,
             past_key_values=view,
             use_cache=inputs.use_cache,
-            position_embeddings=position_embeddings,
             **inputs.kwargs,
         )
-        if isinstance(out, tuple):  # older transformers returned (hidden, ...)
-            out = out[0]
         return out if step.rows is None else hidden.index_copy(0, step.rows, out)
 
     def _run_fixed(self, hidden, steps, inputs, cache, token_router, attention_mask) -> torch.Tensor:
@@ -495,8 +509,18 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             if token_router is None:
                 hidden = self._call_layer(step, hidden, inputs, view)
                 continue
-            run = token_router(step.layer, hidden, attention_mask) - self.budget.skip_bias > 0
-            hidden = torch.where(run.unsqueeze(-1), self._call_layer(step, hidden, inputs, view), hidden)
+            logits = token_router(step.layer, hidden, attention_mask) - self.budget.skip_bias
+            run = logits > 0
+            layer_out = self._call_layer(step, hidden, inputs, view)
+            routed_hidden = torch.where(run.unsqueeze(-1), layer_out, hidden)
+            if self.token_gates is not None:
+                # Straight-through: the value is exactly the hard routing above, the gradient reaches
+                # the router through sigmoid(logits) as if the token ran the layer that much.
+                soft = torch.sigmoid(logits.float())
+                through = (soft - soft.detach()).to(hidden.dtype).unsqueeze(-1)
+                routed_hidden = routed_hidden + through * (layer_out - hidden)
+                self.token_gates.append(run.float() + (soft - soft.detach()))
+            hidden = routed_hidden
             executed_tokens = run.float() if executed_tokens is None else executed_tokens + run.float()
         if token_router is not None:
             self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
@@ -603,6 +627,62 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         routed = cls(config, base_model=base, router=router)
         routed.eval()
         return routed
+
+
+def attention_masks(
+    config: PreTrainedConfig,
+    layer_types: Iterable[str],
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Any,
+    position_ids: torch.Tensor,
+) -> dict[str, Any]:
+    """One attention mask per attention type in `layer_types`, built as the model's own forward builds them.
+
+    `past_key_values` is whatever tells the mask functions how many tokens precede `hidden`
+    (a Cache, or any object answering `get_query_offset` and `get_mask_sizes` like one); None
+    when nothing does.
+    """
+    return {
+        layer_type: _MASK_FUNCTIONS[layer_type](
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        for layer_type in set(layer_types)
+    }
+
+
+def call_decoder_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    mask: Any,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values: Any = None,
+    use_cache: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Call one stock decoder layer as the model's own forward calls it; return its output hidden states.
+
+    `past_key_values` is what the layer's attention writes its keys and values into (via
+    `update(key, value, layer_idx)`), e.g. a `SlotView` of a `RoutedCache`.
+    """
+    out = layer(
+        hidden,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    if isinstance(out, tuple):  # older transformers returned (hidden, ...)
+        out = out[0]
+    return out
 
 
 def _resolve_base(config: RoutedConfig, folder: Path) -> str:

@@ -170,10 +170,15 @@ class DrLLMRouter(Router):
     def forward(
         self, layer_idx: int, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
+        dtype = self.layers[layer_idx][0].weight.dtype
+        pooled, nonempty = windowed_mean_pool(hidden_states.to(dtype), attention_mask, self.num_windows)
+        return self.pooled_logits(layer_idx, pooled, nonempty)
+
+    def pooled_logits(self, layer_idx: int, pooled: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
+        """Action logits [batch, 3] from `windowed_mean_pool` output (training reuses pooled states)."""
         mlp = self.layers[layer_idx]
         dtype = mlp[0].weight.dtype
-        pooled, nonempty = windowed_mean_pool(hidden_states.to(dtype), attention_mask, self.num_windows)
-        window_logits = mlp(pooled)  # [batch, windows, 3]
+        window_logits = mlp(pooled.to(dtype))  # [batch, windows, 3]
         weight = nonempty.to(dtype).unsqueeze(-1)
         return (window_logits * weight).sum(1) / weight.sum(1).clamp(min=1)
 
