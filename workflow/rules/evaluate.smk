@@ -12,11 +12,14 @@ rule evaluate:
         num_fewshot=lambda wildcards: config["evaluate"]["num_fewshot"][wildcards.task],
         flags=cli_flags({k: config["evaluate"][k] for k in ("limit", "batch_size", "max_gen_toks", "device")}),
         common=common_flags(),
+    # One CPU thread per job: jobs run side by side, and oversubscribed torch threads make every
+    # job (and its measured wall time) several times slower.
+    threads: 1
     resources:
         gpu=gpus(config["evaluate"]["device"]),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
         " --data-dir results/data --num-fewshot {params.num_fewshot} --out {output}"
         " {params.flags} {params.common} > {log} 2>&1"

@@ -2,8 +2,9 @@
 
 Both fine-tune on the same examples the embedded base model was pre-trained on
 (radial.base_model.pretraining_examples): the synthetic train split and the benchmark train
-splits, packed into sequences that start at example boundaries, learning the answers only. The two baselines get
-the same data and, in the workflow, the same training budget (config key baselines.finetune).
+splits, packed into sequences that start at example boundaries, learning the answers only. The
+two baselines get the same data and, in the workflow, the same training budget (config key
+baselines.finetune).
 """
 
 from __future__ import annotations
