@@ -83,6 +83,22 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env():
+    """In-process DeepSpeed runs set RANK/MASTER_PORT for this process (whose process group keeps the port);
+    a later subprocess that inherited them would take them for a launcher's and fail to bind the port."""
+    before = {key: os.environ.get(key) for key in _DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run tests marked slow (the suite CI runs)")
     parser.addoption(
