@@ -49,6 +49,15 @@ def test_bad_value_is_named():
     assert "model.embedded.layers" in message
 
 
+def test_per_task_limit_names_an_unknown_task():
+    valid = {"evaluate": {"limit": {"arc_easy": 10, "mmlu": 2}}}
+    assert not list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(valid))
+    message = _first_error({"evaluate": {"limit": {"arc_easy": 10, "hellaswag": 2}}})
+    assert "evaluate.limit.hellaswag" in message and "unknown" in message
+    message = _first_error({"evaluate": {"limit": {"mmlu": 0}}})
+    assert "evaluate.limit.mmlu" in message
+
+
 def _dry_run(tmp_path, config: dict) -> subprocess.CompletedProcess:
     config_file = tmp_path / "bad.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -70,3 +79,21 @@ def test_snakemake_stops_on_bad_value_with_one_message(tmp_path):
     result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy", "hellaswag"]}})
     assert result.returncode != 0
     assert "invalid config key 'evaluate.tasks.1'" in result.stderr + result.stdout
+
+
+def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
+    config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy", "mmlu"], "limit": {"mmlu": 2}}}
+    config_file = tmp_path / "limits.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(config_file),
+         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/arc_easy.json",
+         "results/eval/dense/mmlu.json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
+    assert len(commands) == 2, result.stdout[-2000:]
+    by_task = {("mmlu" if "--task mmlu" in c else "arc_easy"): c for c in commands}
+    assert "--limit 2" in by_task["mmlu"]
+    assert "--limit" not in by_task["arc_easy"]

@@ -299,10 +299,10 @@ def results_section(
             + (f" ({shots}-shot)" if shots else " (0-shot)")
         )
     any_eval = evaluations[0]
-    limit = any_eval.get("limit")
+    cuts = [f"{TASK_LABELS.get(task, task)} {first[task]['limit']}" for task in tasks if first[task].get("limit")]
     lines += [
         "Data: " + "; ".join(limits) + "."
-        + (f" Each lm-eval task was cut to its first {limit} examples (per MMLU subject and synthetic level)." if limit else "")
+        + (f" Tasks cut to their first examples (per MMLU subject and synthetic level): {', '.join(cuts)}." if cuts else "")
         + f" Batch size {any_eval.get('batch_size')}, seed {any_eval.get('seed')}.",
         "",
     ]

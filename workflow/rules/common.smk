@@ -50,6 +50,14 @@ def cli_flags(options):
     return " ".join(flags)
 
 
+def eval_limit(task):
+    """evaluate.limit for one task: a single number for all tasks, or a per-task mapping."""
+    limit = config["evaluate"]["limit"]
+    if isinstance(limit, dict):
+        return limit.get(task)
+    return limit
+
+
 def common_flags():
     return f"--seed {config['seed']} --run-name {config['run_name']} --wandb-mode {config['wandb']['mode']}"
 

@@ -10,7 +10,8 @@ rule evaluate:
         "benchmarks/evaluate/{variant}/{task}.tsv"
     params:
         num_fewshot=lambda wildcards: config["evaluate"]["num_fewshot"][wildcards.task],
-        flags=cli_flags({k: config["evaluate"][k] for k in ("limit", "batch_size", "max_gen_toks", "device")}),
+        limit=lambda wildcards: cli_flags({"limit": eval_limit(wildcards.task)}),
+        flags=cli_flags({k: config["evaluate"][k] for k in ("batch_size", "max_gen_toks", "device")}),
         common=common_flags(),
     # One CPU thread per job: jobs run side by side, and oversubscribed torch threads make every
     # job (and its measured wall time) several times slower.
@@ -22,4 +23,4 @@ rule evaluate:
     shell:
         "OMP_NUM_THREADS={threads} python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
         " --data-dir results/data --num-fewshot {params.num_fewshot} --out {output}"
-        " {params.flags} {params.common} > {log} 2>&1"
+        " {params.limit} {params.flags} {params.common} > {log} 2>&1"
