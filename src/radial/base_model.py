@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedded.add_argument("--intermediate-size", type=int, default=384, help="MLP size (default: 384)")
     embedded.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: 2048)")
     embedded.add_argument("--seq-len", type=int, default=128, help="packed training sequence length (default: 128)")
-    embedded.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
+    embedded.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     embedded.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     embedded.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     embedded.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps (default: 50)")
