@@ -50,12 +50,12 @@ def test_bad_value_is_named():
 
 
 def test_per_task_limit_names_an_unknown_task():
-    valid = {"evaluate": {"limit": {"arc_easy": 10, "mmlu": 2}}}
+    valid = {"evaluate": {"limit": 3, "limit_per_task": {"arc_easy": 10, "mmlu": 2}}}
     assert not list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(valid))
-    message = _first_error({"evaluate": {"limit": {"arc_easy": 10, "hellaswag": 2}}})
-    assert "evaluate.limit.hellaswag" in message and "unknown" in message
-    message = _first_error({"evaluate": {"limit": {"mmlu": 0}}})
-    assert "evaluate.limit.mmlu" in message
+    message = _first_error({"evaluate": {"limit_per_task": {"arc_easy": 10, "hellaswag": 2}}})
+    assert "evaluate.limit_per_task.hellaswag" in message and "unknown" in message
+    message = _first_error({"evaluate": {"limit_per_task": {"mmlu": 0}}})
+    assert "evaluate.limit_per_task.mmlu" in message
 
 
 def _dry_run(tmp_path, config: dict) -> subprocess.CompletedProcess:
@@ -82,18 +82,24 @@ def test_snakemake_stops_on_bad_value_with_one_message(tmp_path):
 
 
 def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
-    config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy", "mmlu"], "limit": {"mmlu": 2}}}
+    config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy", "mmlu", "gsm8k"], "limit_per_task": {"mmlu": 2}}}
     config_file = tmp_path / "limits.yaml"
     config_file.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(config_file),
          "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/arc_easy.json",
-         "results/eval/dense/mmlu.json"],
+         "results/eval/dense/mmlu.json", "results/eval/dense/gsm8k.json"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     commands = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
-    assert len(commands) == 2, result.stdout[-2000:]
-    by_task = {("mmlu" if "--task mmlu" in c else "arc_easy"): c for c in commands}
-    assert "--limit 2" in by_task["mmlu"]
-    assert "--limit" not in by_task["arc_easy"]
+    assert len(commands) == 3, result.stdout[-2000:]
+    by_task = {task: c for c in commands for task in ("arc_easy", "mmlu", "gsm8k") if f"--task {task} " in c}
+    assert "--limit 2 " in by_task["mmlu"]
+    assert "--limit" not in by_task["arc_easy"]  # the schema's default limit is null: everything
+    config["evaluate"]["limit"] = 7
+    config_file.write_text(yaml.safe_dump(config))
+    result = subprocess.run(result.args, capture_output=True, text=True, timeout=120)
+    commands = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
+    by_task = {task: c for c in commands for task in ("arc_easy", "mmlu", "gsm8k") if f"--task {task} " in c}
+    assert "--limit 2 " in by_task["mmlu"] and "--limit 7 " in by_task["arc_easy"] and "--limit 7 " in by_task["gsm8k"]

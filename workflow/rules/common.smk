@@ -51,11 +51,9 @@ def cli_flags(options):
 
 
 def eval_limit(task):
-    """evaluate.limit for one task: a single number for all tasks, or a per-task mapping."""
-    limit = config["evaluate"]["limit"]
-    if isinstance(limit, dict):
-        return limit.get(task)
-    return limit
+    """evaluate.limit_per_task[task] when set, else evaluate.limit."""
+    override = config["evaluate"]["limit_per_task"].get(task)
+    return config["evaluate"]["limit"] if override is None else override
 
 
 def common_flags():
