@@ -254,6 +254,7 @@ def test_hub_probe_gives_up_after_the_timeout(monkeypatch):
 
     def hanging_connect(*args, **kwargs):
         time.sleep(30)
+        raise OSError("still no answer")
 
     monkeypatch.setattr(socket, "create_connection", hanging_connect)
     start = time.monotonic()
@@ -271,6 +272,34 @@ def test_hub_probe_reports_a_refused_connection(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(RadialError, match=rf"127\.0\.0\.1:{port}.*data\.local_dir"):
         data.load_task("mmlu", None, hub_timeout=2)
+
+
+def test_an_endpoint_that_is_not_the_hub_fails_fast_naming_the_config_key(monkeypatch):
+    """A server that accepts the connection but does not answer as the Hub (a proxy, a wrong
+    HF_ENDPOINT) stops the stage within seconds instead of in `datasets`' retries."""
+    import http.server
+    import threading
+
+    class NotTheHub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotTheHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        start = time.monotonic()
+        with pytest.raises(RadialError, match=r"did not serve openai/gsm8k.*data\.local_dir"):
+            data.load_task("gsm8k", None, hub_timeout=2)
+        assert time.monotonic() - start < 10
+    finally:
+        server.shutdown()
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -328,9 +328,10 @@ def load_hub(task: str, timeout: float = DEFAULT_HUB_TIMEOUT_S) -> dict[str, lis
             f"no local benchmark folder was given and the Hugging Face Hub is unreachable ({reason}); "
             f"set the config key `data.local_dir` (or pass --local-dir) to a folder with the original files"
         )
+    dataset_id, config = HUB_DATASETS[task]
+    _check_hub_dataset(dataset_id, timeout)
     import datasets
 
-    dataset_id, config = HUB_DATASETS[task]
     splits = {}
     for split in SPLITS[task]:
         rows = _normalize_hub_records(task, split, datasets.load_dataset(dataset_id, config, split=split))
@@ -339,6 +340,22 @@ def load_hub(task: str, timeout: float = DEFAULT_HUB_TIMEOUT_S) -> dict[str, lis
     if task == "mmlu":
         _check_mmlu_subjects(splits, Path(f"hub:{dataset_id}"))
     return splits
+
+
+def _check_hub_dataset(dataset_id: str, timeout: float) -> None:
+    """Ask the endpoint for the dataset's metadata once: a server that accepts connections but is not
+    the Hub (a proxy, a wrong HF_ENDPOINT) fails here in seconds, not in `datasets`' retries."""
+    from huggingface_hub import HfApi
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        HfApi(endpoint=endpoint).dataset_info(dataset_id, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - any failure means the Hub cannot serve the dataset
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RadialError(
+            f"no local benchmark folder was given and {endpoint} did not serve {dataset_id} ({why}); "
+            f"set the config key `data.local_dir` (or pass --local-dir) to a folder with the original files"
+        ) from None
 
 
 def hub_unreachable_reason(timeout: float) -> str | None:
