@@ -103,3 +103,17 @@ def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
     commands = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
     by_task = {task: c for c in commands for task in ("arc_easy", "mmlu", "gsm8k") if f"--task {task} " in c}
     assert "--limit 2 " in by_task["mmlu"] and "--limit 7 " in by_task["arc_easy"] and "--limit 7 " in by_task["gsm8k"]
+
+
+@pytest.mark.parametrize("timing, threads", [("exclusive", 2), ("shared", 1)])
+def test_evaluation_timing_sets_the_cores_each_evaluation_holds(tmp_path, timing, threads):
+    config_file = tmp_path / "timing.yaml"
+    config_file.write_text(yaml.safe_dump({"evaluate": {"variants": ["dense"], "tasks": ["arc_easy"], "timing": timing}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2", "--configfile", str(config_file),
+         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/arc_easy.json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    command = next(line for line in result.stdout.splitlines() if "radial evaluate" in line)
+    assert command.startswith(f"Shell command: OMP_NUM_THREADS={threads} "), command

@@ -375,9 +375,10 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
         "(`accuracy_stderr`), and differences within about two of them are noise."
     )
     notes.append(
-        "- Speedups come from wall times of separate evaluation jobs (model loading excluded). Jobs that ran at the "
-        "same time on shared cores slow each other down, so treat speedups as indicative; compare them within one "
-        "run on one machine."
+        "- Speedups come from wall times of separate evaluation jobs (model loading excluded). With "
+        "`evaluate.timing: exclusive` (the default) each job had every core to itself; with `shared`, jobs ran side "
+        "by side and slowed each other down. Short jobs still vary by several percent between runs: compare "
+        "speedups within one run on one machine."
     )
     methods = set(table.method)
     if "shortgpt" in methods:

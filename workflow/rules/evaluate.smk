@@ -13,9 +13,10 @@ rule evaluate:
         limit=lambda wildcards: cli_flags({"limit": eval_limit(wildcards.task)}),
         flags=cli_flags({k: config["evaluate"][k] for k in ("batch_size", "max_gen_toks", "device")}),
         common=common_flags(),
-    # One CPU thread per job: jobs run side by side, and oversubscribed torch threads make every
-    # job (and its measured wall time) several times slower.
-    threads: 1
+    # The report's speedups compare these jobs' wall times. "exclusive": each job takes every core,
+    # so no other job runs beside it and slows it down; "shared": one core (and one torch thread)
+    # per job, jobs side by side: faster overall, noisier times.
+    threads: workflow.cores if config["evaluate"]["timing"] == "exclusive" else 1
     resources:
         gpu=gpus(config["evaluate"]["device"]),
     conda:
