@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from radial import training
-from radial.utils import RadialError, add_common_arguments, seed_everything
+from radial.utils import RadialError, add_common_arguments
 
 INFO_FILE = "training.json"
 HELD_OUT_BATCHES = 8
@@ -226,12 +225,7 @@ def main(args: argparse.Namespace) -> int:
     from radial.utils import read_jsonl
 
     check_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if training.rank() != 0:  # one wandb run per stage, from rank 0
-        os.environ["WANDB_MODE"] = "disabled"
-    seed_everything(args.seed)
-    cfg = training.train_config_from_args(args)
+    cfg = training.start_stage(args)
     checkpoint_dir = training.checkpoint_dir_for(args)
     student_base, tokenizer = load_for_finetuning(args.model)
     teacher_dtype = torch.bfloat16 if training.use_bf16(cfg.bf16) else torch.float32

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -258,12 +257,7 @@ def main(args: argparse.Namespace) -> int:
     from radial.baselines.common import write_variant_folder
     from radial.routing import DrLLMRouter, RoutedForCausalLM, RouterBudget
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if training.rank() != 0:  # one wandb run per stage, from rank 0
-        os.environ["WANDB_MODE"] = "disabled"
-    seed_everything(args.seed)
-    cfg = training.train_config_from_args(args)
+    cfg = training.start_stage(args)
     checkpoint_dir = training.checkpoint_dir_for(args)
     device = training.default_device() if args.device == "auto" else args.device
     if not (args.model / "config.json").is_file():

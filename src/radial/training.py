@@ -182,6 +182,18 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> Non
     )
 
 
+def start_stage(args: argparse.Namespace) -> TrainConfig:
+    """What every training stage does first: torch threads, wandb on rank 0 only, seed; its TrainConfig."""
+    from radial.utils import seed_everything
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if rank() != 0:  # one wandb run per stage, from rank 0
+        os.environ["WANDB_MODE"] = "disabled"
+    seed_everything(args.seed)
+    return train_config_from_args(args)
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     deepspeed_config = args.deepspeed_config
     if deepspeed_config is None:

@@ -39,7 +39,7 @@ from radial import tracking, training
 from radial.baselines.common import write_variant_folder
 from radial.baselines.finetune import FinetuneBatches, add_finetune_arguments, load_for_finetuning, training_summary
 from radial.layers import find_decoder_layers
-from radial.utils import RadialError, add_common_arguments, seed_everything
+from radial.utils import RadialError, add_common_arguments
 
 CALIBRATION_BATCHES = 4
 
@@ -166,10 +166,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not 0 < args.capacity < 1:
         raise RadialError(f"--capacity must be between 0 and 1 (a share of layer-token pairs), got {args.capacity}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    cfg = training.train_config_from_args(args)
+    cfg = training.start_stage(args)
     base, tokenizer = load_for_finetuning(args.model)
     num_layers = len(find_decoder_layers(base))
     router = GateTokenRouter(num_layers, base.config.hidden_size, init_bias=args.init_bias)

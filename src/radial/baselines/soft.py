@@ -37,7 +37,7 @@ from radial.baselines.finetune import (
     training_summary,
 )
 from radial.layers import find_decoder_layers
-from radial.utils import RadialError, add_common_arguments, atomic_path, seed_everything, write_json
+from radial.utils import RadialError, add_common_arguments, atomic_path, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +104,7 @@ def sorted_loss(model_call, batch: dict, exit_outputs: ExitOutputs) -> tuple[tor
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    cfg = training.train_config_from_args(args)
+    cfg = training.start_stage(args)
     model, tokenizer = load_for_finetuning(args.model)
     num_layers = len(find_decoder_layers(model))
     exits = resolve_exits(args.exits, num_layers)
