@@ -20,9 +20,9 @@ def _default_splits(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def _recompute(question: str) -> str:
-    """Independent check: Python evaluates "7+4+9+2" the same as the task."""
+    """Independent check: Python evaluates "7+4+9+2" the same as the task (levels 1-5 sum to at most 63)."""
     assert re.fullmatch(r"\d(\+\d)+=", question), question
-    return str(eval(question[:-1]))
+    return f"{eval(question[:-1]):02d}"
 
 
 def test_rows_follow_the_schema():
@@ -30,7 +30,7 @@ def test_rows_follow_the_schema():
     assert set(row) == {"id", "task", "split", "question", "choices", "labels", "answer", "level"}
     assert row["id"] == "synthetic/test/3" and row["task"] == "synthetic" and row["split"] == "test"
     assert row["choices"] == [] and row["labels"] == []
-    assert re.fullmatch(r"\d{1,2}", row["answer"])
+    assert re.fullmatch(r"\d{2}", row["answer"])
     assert synthetic.training_text(row) == f"{row['question']}{row['answer']}\n"
     json.dumps(row)
 
@@ -50,7 +50,10 @@ def test_answers_are_correct_and_levels_set_the_operand_count():
 
 def test_known_questions():
     assert synthetic.answer_for("7+4+9+2=") == "22"
-    assert synthetic.answer_for("0+0+0=") == "0"
+    assert synthetic.answer_for("0+0+0=") == "00"
+    assert synthetic.answer_for("3+5+0=") == "08"
+    assert synthetic.answer_for("9+9+9+9+9+9+9+9+9+9+9+9=") == "108"
+    assert synthetic.answer_for("1+2+3+4+5+6+7+8+9+0+0+0=") == "045"
     assert synthetic.question_text(1, 0) == "0+0+0="
     assert {synthetic.question_text(1, i) for i in range(synthetic.space_size(1))} == {
         f"{a}+{b}+{c}=" for a in range(10) for b in range(10) for c in range(10)

@@ -4,6 +4,11 @@ Level k adds k+2 single-digit operands and asks for the exact sum: level 1 is e.
 answer "20", level 3 "7+4+9+2+5=" with answer "27". Every level adds one more addition to carry out
 (and widens the answer range), so harder levels need more computation for the answer.
 
+Answers are zero-padded to the width of the level's largest sum ("3+5+0=08"). Unpadded, the rare
+one-digit sums (a fifth of level 1, almost none above) were a format of their own that the embedded
+model learned last, which put level 1 below levels 2-3; padded, every answer has the same shape and
+accuracy falls with the level.
+
 An earlier version asked for +/- chains mod 10; small models trained from scratch on CPU stayed at
 chance on it (mod-10 chains are parity-like), while exact sums are learned within minutes.
 
@@ -93,11 +98,12 @@ def question_text(level: int, index: int) -> str:
 
 
 def answer_for(question: str) -> str:
-    """The exact sum of "d+d+...+d=" in decimal."""
+    """The exact sum of "d+d+...+d=" in decimal, zero-padded to the width of the largest possible sum."""
     operands = question.removesuffix("=").split("+")
-    if not all(len(operand) == 1 and operand.isdigit() for operand in operands):
+    if not question.endswith("=") or not all(len(operand) == 1 and operand.isdigit() for operand in operands):
         raise RadialError(f"synthetic question must be single digits joined by '+' and end with '=': {question!r}")
-    return str(sum(int(operand) for operand in operands))
+    width = len(str(9 * len(operands)))
+    return str(sum(int(operand) for operand in operands)).zfill(width)
 
 
 def _per_level(n: int, levels: int) -> list[int]:
