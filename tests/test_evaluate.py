@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,7 @@ def test_evaluate_writes_the_evaluation(task, tiny_llama_dir, data_dir, tmp_path
     assert result["variant"] == "dense" and result["task"] == task and result["model"] == str(tiny_llama_dir)
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["num_layers"] == 4 and result["avg_executed_layers"] == 4.0
-    assert result["wall_time_s"] > 0
+    assert 0 < result["forward_time_s"] < result["wall_time_s"] and result["forward_tokens"] > 0
     metric_key = {"gsm8k": "exact_match,flexible-extract", "synthetic": "exact_match,none"}.get(task, "acc,none")
     assert result["metric"] == metric_key.removesuffix(",none")
     assert result["accuracy"] == result["lm_eval"]["results"][eval_tasks.lm_eval_name(task)][metric_key]
@@ -278,12 +279,19 @@ def test_layer_counter_counts_every_layer_of_a_dense_model(tiny_tokenizer):
 
     model = make_tiny_model("qwen2", num_layers=3)
     inputs = tiny_tokenizer(["3+5-2=", "7+4="], return_tensors="pt", padding=True)
+    batch, length = inputs["input_ids"].shape
+    started = time.perf_counter()
     with LayerCounter(model) as counter, torch.no_grad():
         model(**inputs)
+        time.sleep(0.3)  # work outside the model's forwards is not on the forward clock
         model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    elapsed = time.perf_counter() - started
     assert counter.forward_calls == 1 + 4
     assert counter.layer_calls == 3 * 5
     assert average_executed_layers(model, counter) == 3.0
+    # the plain forward and generate's prefill see the whole prompt; its 3 decoding steps one token per row
+    assert counter.forward_tokens == 2 * batch * length + 3 * batch
+    assert 0 < counter.forward_seconds <= elapsed - 0.3
     model(**inputs)  # hooks are gone after the block
     assert counter.forward_calls == 5
 

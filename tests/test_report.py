@@ -13,11 +13,12 @@ from radial.report import build_table, load_evaluations
 from radial.utils import RadialError
 
 
-def _evaluation(variant, task, accuracy, layers, wall_time, subtasks=None):
+def _evaluation(variant, task, accuracy, layers, forward_time, subtasks=None, tokens=1000):
     return {
         "variant": variant, "task": task, "metric": "acc", "accuracy": accuracy, "accuracy_stderr": 0.01,
-        "avg_executed_layers": layers, "num_layers": 12, "wall_time_s": wall_time, "n_examples": 10,
-        "subtasks": subtasks or {},
+        "avg_executed_layers": layers, "num_layers": 12, "n_examples": 10, "subtasks": subtasks or {},
+        # lm-eval's own seconds around the forwards, the same for every variant: not part of the speedup
+        "wall_time_s": forward_time + 3.0, "forward_time_s": forward_time, "forward_tokens": tokens,
     }
 
 
@@ -30,15 +31,27 @@ def _write(tmp_path, evaluations):
     return paths
 
 
-def test_speedup_is_dense_time_over_variant_time():
+def test_speedup_is_dense_forward_time_over_variant_forward_time():
     table = build_table([
         _evaluation("dense", "arc_easy", 0.5, 12, 10.0),
         _evaluation("routed", "arc_easy", 0.45, 8, 5.0),
         _evaluation("dense", "synthetic", 0.8, 12, 4.0),
     ])
     speedups = table.set_index(["variant", "task"]).speedup_vs_dense
-    assert speedups["routed", "arc_easy"] == pytest.approx(2.0)
+    assert speedups["routed", "arc_easy"] == pytest.approx(2.0)  # wall times 13 s and 8 s would say 1.6
     assert speedups["dense", "synthetic"] == pytest.approx(1.0)
+
+
+def test_speedup_in_generation_is_per_token():
+    """A variant that writes twice the tokens in twice the time is as fast as dense, not half as fast."""
+    table = build_table([
+        _evaluation("dense", "gsm8k", 0.1, 12, 4.0, tokens=800),
+        _evaluation("rambling", "gsm8k", 0.0, 12, 8.0, tokens=1600),
+        _evaluation("shallow", "gsm8k", 0.0, 6, 4.0, tokens=1600),
+    ])
+    speedups = table.set_index("variant").speedup_vs_dense
+    assert speedups["rambling"] == pytest.approx(1.0)
+    assert speedups["shallow"] == pytest.approx(2.0)
 
 
 def test_incomplete_evaluation_names_the_file(tmp_path):

@@ -10,7 +10,8 @@ import sys
 
 def test_report_stage_writes_an_offline_wandb_run(tmp_path):
     evaluation = {"variant": "dense", "task": "arc_easy", "metric": "acc", "accuracy": 0.5,
-                  "avg_executed_layers": 4, "num_layers": 4, "wall_time_s": 1.0, "n_examples": 10}
+                  "avg_executed_layers": 4, "num_layers": 4, "wall_time_s": 1.0,
+                  "forward_time_s": 0.5, "forward_tokens": 100, "n_examples": 10}
     (tmp_path / "e.json").write_text(json.dumps(evaluation))
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     env["WANDB_DIR"] = str(tmp_path)

@@ -310,8 +310,8 @@ def results_section(
     lines += [
         "### Accuracy, depth and speed",
         "",
-        "Each cell: accuracy · average decoder layers executed per forward pass · wall-time speedup over dense "
-        "on the same task (dense time / variant time).",
+        "Each cell: accuracy · average decoder layers executed per forward pass · speedup over dense on the same "
+        "task: the model's throughput (tokens per second spent in its forward calls) over dense's.",
         "",
         markdown_table(wide_table(table)),
         "",
@@ -375,10 +375,11 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
         "(`accuracy_stderr`), and differences within about two of them are noise."
     )
     notes.append(
-        "- Speedups come from wall times of separate evaluation jobs (model loading excluded). With "
-        "`evaluate.timing: exclusive` (the default) each job had every core to itself; with `shared`, jobs ran side "
-        "by side and slowed each other down. Short jobs still vary by several percent between runs: compare "
-        "speedups within one run on one machine."
+        "- Speedups are measured in separate evaluation jobs, on the time spent inside the model's forward "
+        "calls: lm-eval's own work (building requests, loading datasets, checking stop sequences) is left out, "
+        "since it does not depend on depth. With `evaluate.timing: exclusive` (the default) each job had every "
+        "core to itself; with `shared`, jobs ran side by side and slowed each other down. Short jobs still vary "
+        "by several percent between runs: compare speedups within one run on one machine."
     )
     methods = set(table.method)
     if "shortgpt" in methods:

@@ -9,7 +9,9 @@ radial.eval_tasks); `lm_eval --include_path` on the same YAMLs gives the same nu
 
 Besides lm-eval's metrics we record how deep the model actually ran: the mean number of decoder
 layers executed per model forward, counted with hooks on the decoder layers (a dense model runs
-all of them), or reported by the model itself through `radial_executed_layers()`.
+all of them), or reported by the model itself through `radial_executed_layers()`. And how long it
+took: the wall time of the whole evaluation, and the time spent inside the model's forward calls
+with the tokens they processed, from which the report computes speedups.
 """
 
 from __future__ import annotations
@@ -96,13 +98,15 @@ def main(args: argparse.Namespace) -> int:
         write_json(args.out, evaluation)
         print(
             f"{args.variant} on {args.task}: {evaluation['metric']} = {evaluation['accuracy']:.4f} "
-            f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s)"
+            f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s, of which model forwards "
+            f"{evaluation['forward_time_s']:.1f} s over {evaluation['forward_tokens']} tokens)"
         )
 
         metrics = {
             "accuracy": evaluation["accuracy"],
             "avg_executed_layers": evaluation["avg_executed_layers"],
             "wall_time_s": wall_time_s,
+            "forward_time_s": evaluation["forward_time_s"],
             "n_examples": evaluation["n_examples"],
         }
         metrics |= {f"subtasks/{name}": value for name, value in evaluation["subtasks"].items()}
@@ -183,11 +187,16 @@ def run_lm_eval(
 
 
 class LayerCounter:
-    """Counts decoder-layer executions per model forward while active (a context manager).
+    """Counts decoder-layer executions per model forward, and clocks the forwards, while active.
 
     Forward pre-hooks on the model and on each decoder layer; a layer a routed model skips is
     not called, one it repeats is called twice. Models that count for themselves (routed models)
     expose `radial_executed_layers()` instead, which `average_executed_layers` prefers.
+
+    The clock covers the model's forward calls only (prefill, every decoding step, every
+    loglikelihood batch) and counts the tokens they processed, padding included. lm-eval's own
+    work around them (building requests, loading and caching datasets, stop-sequence checks) is
+    left out: it does not depend on the depth and would otherwise dilute or skew the speedups.
     """
 
     def __init__(self, model) -> None:
@@ -197,10 +206,16 @@ class LayerCounter:
         self.layers = find_decoder_layers(model)
         self.forward_calls = 0
         self.layer_calls = 0
+        self.forward_seconds = 0.0
+        self.forward_tokens = 0
         self._handles: list = []
+        self._started: float | None = None
+        self._device = None
+        self._depth = 0  # a forward that calls the model again inside is timed once
 
     def __enter__(self) -> "LayerCounter":
-        self._handles.append(self.model.register_forward_pre_hook(self._count_forward))
+        self._handles.append(self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
         for layer in self.layers:
             self._handles.append(layer.register_forward_pre_hook(self._count_layer))
         return self
@@ -210,8 +225,27 @@ class LayerCounter:
             handle.remove()
         self._handles.clear()
 
-    def _count_forward(self, module, args) -> None:
+    def _start_forward(self, module, args, kwargs) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
         self.forward_calls += 1
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is not None:
+            self.forward_tokens += int(tokens.shape[0] * tokens.shape[1])
+            self._device = tokens.device
+            _synchronize(self._device)
+        self._started = time.perf_counter()
+
+    def _end_forward(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth > 0 or self._started is None:
+            return
+        _synchronize(self._device)
+        self.forward_seconds += time.perf_counter() - self._started
+        self._started = None
 
     def _count_layer(self, module, args) -> None:
         self.layer_calls += 1
@@ -219,6 +253,14 @@ class LayerCounter:
     @property
     def mean_layers_per_forward(self) -> float:
         return self.layer_calls / self.forward_calls if self.forward_calls else float("nan")
+
+
+def _synchronize(device) -> None:
+    """Wait for queued GPU work, so the clock measures the work and not its launch."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def average_executed_layers(model, counter: LayerCounter) -> float:
@@ -249,6 +291,8 @@ def summarize(
         "avg_executed_layers": average_executed_layers(model, counter),
         "num_layers": len(counter.layers),
         "wall_time_s": wall_time_s,
+        "forward_time_s": counter.forward_seconds,
+        "forward_tokens": counter.forward_tokens,
         "n_examples": sum(int(n["effective"]) for n in results["n-samples"].values()),
         "num_fewshot": results.get("n-shot", {}).get(leaf_tasks[0]),
         "limit": args.limit,

@@ -28,10 +28,22 @@ TABLE_COLUMNS = [
     "avg_executed_layers",
     "num_layers",
     "wall_time_s",
+    "forward_time_s",
+    "forward_tokens",
     "speedup_vs_dense",
     "n_examples",
 ]
-REQUIRED_FIELDS = ("variant", "task", "metric", "accuracy", "avg_executed_layers", "num_layers", "wall_time_s")
+REQUIRED_FIELDS = (
+    "variant",
+    "task",
+    "metric",
+    "accuracy",
+    "avg_executed_layers",
+    "num_layers",
+    "wall_time_s",
+    "forward_time_s",
+    "forward_tokens",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +71,19 @@ def load_evaluations(paths: list[str | Path]) -> list[dict]:
 
 
 def build_table(evaluations: list[dict]) -> pd.DataFrame:
+    """One row per evaluation; speedup_vs_dense is the variant's model throughput over dense's on the task.
+
+    Throughput is tokens through the model's forwards per second of forward time. On multiple-choice
+    tasks every variant scores the same tokens, so this is dense forward time / variant forward time;
+    in generation a variant may write longer or shorter answers than dense, and tokens per second
+    compares the speed of the model rather than the length of what it wrote.
+    """
     table = pd.DataFrame([{c: e.get(c) for c in TABLE_COLUMNS if c != "speedup_vs_dense"} for e in evaluations])
-    dense_time = table[table.variant == "dense"].set_index("task").wall_time_s
+    throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)
+    dense_throughput = dict(zip(table.task[table.variant == "dense"], throughput[table.variant == "dense"]))
     table["speedup_vs_dense"] = [
-        dense_time[task] / time if task in dense_time and time else None
-        for task, time in zip(table.task, table.wall_time_s)
+        rate / dense_throughput[task] if task in dense_throughput and pd.notna(rate) else None
+        for task, rate in zip(table.task, throughput)
     ]
     return table[TABLE_COLUMNS].sort_values(["task", "variant"]).reset_index(drop=True)
 
@@ -121,8 +141,9 @@ def render(
         "## Results",
         "",
         "Accuracy is lm-eval's headline metric for the task; layers are decoder layers executed per forward "
-        "pass on average; wall time is the evaluation alone (model loading excluded); speedup is the dense wall "
-        "time over the variant's on the same task.",
+        "pass on average; wall time is the whole evaluation (model loading excluded), forward time the part of it "
+        "spent in the model's forward calls, which processed forward_tokens tokens (padding included); speedup is "
+        "the variant's tokens per second of forward time over dense's on the same task.",
         "",
         *(comparison_lines + ["### Every variant × task", ""] if comparison_lines else []),
         _markdown(table),
