@@ -26,8 +26,8 @@ QUICK_FLAGS = [
 
 
 def synthetic_row(rng: random.Random, level: int, split: str, index: int) -> dict:
-    """One row of the synthetic task in the shared schema: k+2 digits joined by +, answer their sum."""
-    digits = [rng.randrange(10) for _ in range(level + 2)]
+    """One row of the synthetic task in the shared schema: 2k+1 digits joined by +, answer their sum."""
+    digits = [rng.randrange(10) for _ in range(2 * level + 1)]
     question, total = "+".join(map(str, digits)), sum(digits)
     return {
         "id": f"synthetic/{split}/{index}",
@@ -36,7 +36,7 @@ def synthetic_row(rng: random.Random, level: int, split: str, index: int) -> dic
         "question": question + "=",
         "choices": [],
         "labels": [],
-        "answer": str(total),
+        "answer": f"{total:02d}",
         "level": level,
     }
 

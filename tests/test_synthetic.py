@@ -15,12 +15,12 @@ from radial.utils import RadialError
 
 @functools.lru_cache(maxsize=None)
 def _default_splits(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """The default sizes (20000 train, 500 test, 5 levels), generated once per seed."""
-    return synthetic.generate(20000, 5, seed, "train"), synthetic.generate(500, 5, seed, "test")
+    """The default sizes (20000 train, 1000 test, 5 levels), generated once per seed."""
+    return synthetic.generate(20000, 5, seed, "train"), synthetic.generate(1000, 5, seed, "test")
 
 
 def _recompute(question: str) -> str:
-    """Independent check: Python evaluates "7+4+9+2" the same as the task (levels 1-5 sum to at most 63)."""
+    """Independent check: Python evaluates "7+4+9+2" the same as the task (levels 1-5 sum to at most 99)."""
     assert re.fullmatch(r"\d(\+\d)+=", question), question
     return f"{eval(question[:-1]):02d}"
 
@@ -45,7 +45,7 @@ def test_answers_are_correct_and_levels_set_the_operand_count():
     train, test = _default_splits()
     for row in train + test:
         assert row["answer"] == _recompute(row["question"])
-        assert len(re.findall(r"\d", row["question"])) == row["level"] + 2
+        assert len(re.findall(r"\d", row["question"])) == 2 * row["level"] + 1
 
 
 def test_known_questions():
@@ -65,7 +65,7 @@ def test_known_questions():
 def test_levels_are_balanced():
     train, test = _default_splits()
     assert collections.Counter(row["level"] for row in train) == {level: 4000 for level in range(1, 6)}
-    assert collections.Counter(row["level"] for row in test) == {level: 100 for level in range(1, 6)}
+    assert collections.Counter(row["level"] for row in test) == {level: 200 for level in range(1, 6)}
     uneven = collections.Counter(row["level"] for row in synthetic.generate(13, 5, 0, "train", test_rows=5))
     assert sorted(uneven.values()) == [2, 2, 3, 3, 3]
 
@@ -78,8 +78,8 @@ def test_train_and_test_are_disjoint_and_duplicates_only_where_the_space_runs_ou
     distinct_train = {
         level: len({row["question"] for row in train if row["level"] == level}) for level in range(1, 6)
     }
-    # level 1: 1000 questions, 100 in test, so train cycles through the other 900; higher levels never repeat.
-    assert distinct_train == {1: 900, 2: 4000, 3: 4000, 4: 4000, 5: 4000}
+    # level 1: 1000 questions, 200 in test, so train cycles through the other 800; higher levels never repeat.
+    assert distinct_train == {1: 800, 2: 4000, 3: 4000, 4: 4000, 5: 4000}
 
 
 def test_disjoint_for_other_sizes_and_levels():

@@ -487,7 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=synthetic.DEFAULT_LEVELS,
         metavar="N",
-        help=f"synthetic difficulty levels 1..N; level k adds k+2 one-digit operands (default: {synthetic.DEFAULT_LEVELS})",
+        help=f"synthetic difficulty levels 1..N; level k adds 2k+1 one-digit operands (default: {synthetic.DEFAULT_LEVELS})",
     )
     add_common_arguments(parser)
 

@@ -1,13 +1,15 @@
 """The synthetic in-domain task: multi-step addition with graded difficulty.
 
-Level k adds k+2 single-digit operands and asks for the exact sum: level 1 is e.g. "7+4+9=" with
-answer "20", level 3 "7+4+9+2+5=" with answer "27". Every level adds one more addition to carry out
-(and widens the answer range), so harder levels need more computation for the answer.
+Level k adds 2k+1 single-digit operands and asks for the exact sum: level 1 is e.g. "7+4+9=" with
+answer "20", level 2 "7+4+9+2+5=" with answer "27". Every level adds two more additions to carry
+out (and widens the answer range), so harder levels need more computation for the answer. Answers
+are zero-padded to the width of the level's largest sum ("3+5+0=08"), so every answer of a level
+has the same shape.
 
-Answers are zero-padded to the width of the level's largest sum ("3+5+0=08"). Unpadded, the rare
-one-digit sums (a fifth of level 1, almost none above) were a format of their own that the embedded
-model learned last, which put level 1 below levels 2-3; padded, every answer has the same shape and
-accuracy falls with the level.
+Why these steps: with one operand more per level (k+2) the embedded model summed 4 to 6 operands
+equally well (about 90 %, 600 fresh questions each) and 3 operands worse (83 %), so its accuracy
+did not fall with the level; with two more per level it falls from level 1 to level 5. Unpadded
+answers put the rare one-digit sums in a format of their own, learned last.
 
 An earlier version asked for +/- chains mod 10; small models trained from scratch on CPU stayed at
 chance on it (mod-10 chains are parity-like), while exact sums are learned within minutes.
@@ -27,7 +29,7 @@ from radial.utils import RadialError
 TASK = "synthetic"
 SPLITS = ("train", "test")
 DEFAULT_TRAIN_ROWS = 20000
-DEFAULT_TEST_ROWS = 500
+DEFAULT_TEST_ROWS = 1000  # 200 per level: a per-level accuracy to about +-3.5 % (one standard error)
 DEFAULT_LEVELS = 5
 # Spaces up to this size are listed in full and shuffled; larger ones are sampled by rejection.
 _ENUMERATE_UP_TO = 100_000
@@ -83,7 +85,7 @@ def training_text(row: dict) -> str:
 
 
 def operand_count(level: int) -> int:
-    return level + 2
+    return 2 * level + 1
 
 
 def space_size(level: int) -> int:
