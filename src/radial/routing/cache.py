@@ -62,9 +62,16 @@ class SlotView:
 class RoutedCache(Cache):
     """`layers[s]` is the storage of schedule step `steps[s]` (rows `steps[s].row_list`)."""
 
-    def __init__(self, config: PreTrainedConfig, batch_size: int) -> None:
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        batch_size: int,
+        layout: tuple[list[str], list[dict]] | None = None,
+    ) -> None:
+        """`layout` is `layer_types_of(config)` when the caller has it already (reading it costs
+        about as much as running a small decoder layer, once per forward)."""
         super().__init__(layers=[])
-        self.layer_types, self.layer_kwargs = layer_types_of(config)
+        self.layer_types, self.layer_kwargs = layout if layout is not None else layer_types_of(config)
         self.num_rows = batch_size
         self.steps: list[Step] = []
         self.seen_tokens = 0

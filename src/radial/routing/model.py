@@ -189,7 +189,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = base_model.base_model
         self.lm_head = base_model.get_output_embeddings()
         self.parts = self._find_parts(base_model)
-        self.layer_types, _ = layer_types_of(self.text_config)
+        self._cache_layout = layer_types_of(self.text_config)
+        self.layer_types = self._cache_layout[0]
         self.router = router
         self._bind_router()
         self.budget = RouterBudget(**(config.budget or {}))
@@ -455,8 +456,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             # generate() hands over a fresh DynamicCache; an empty one is replaced by ours.
             if past_key_values.get_seq_length() > 0:
                 raise RadialError("a routed model needs a RoutedCache; got a filled " + type(past_key_values).__name__)
-            return RoutedCache(self.text_config, batch_size)
-        return RoutedCache(self.text_config, batch_size) if use_cache else None
+            return RoutedCache(self.text_config, batch_size, self._cache_layout)
+        return RoutedCache(self.text_config, batch_size, self._cache_layout) if use_cache else None
 
     def _masks(self, hidden, attention_mask, cache, position_ids) -> dict[str, Any]:
         """One mask per attention type, built before any layer writes into the cache."""
