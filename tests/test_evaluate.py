@@ -223,6 +223,36 @@ def test_evaluate_writes_the_evaluation(task, tiny_llama_dir, data_dir, tmp_path
     json.dumps(result, allow_nan=False)  # strict JSON throughout
 
 
+@pytest.mark.parametrize("task", ["arc_easy", "synthetic"])
+def test_paired_timing_replays_the_first_batches_against_the_reference(task, tiny_llama_dir, data_dir, tmp_path):
+    import shutil
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_llama_dir, reference)  # a separate folder: loaded as a second model
+    result = _evaluate(tiny_llama_dir, data_dir, task, tmp_path / "eval.json", "--limit", "3", "--batch-size", "2",
+                       "--max-gen-toks", "8", "--reference-model", str(reference), "--timing-repeats", "3",
+                       "--timing-batches", "2", "--timing-decode-steps", "5")  # fmt: skip
+
+    timing = result["timing"]
+    assert timing["reference"] == str(reference)
+    assert timing["repeats"] == 3 and len(timing["round_ratios"]) == 3
+    assert len(timing["model_s"]) == len(timing["reference_s"]) == 6  # reference, model, model, reference per round
+    assert timing["speedup"] == pytest.approx(sorted(timing["round_ratios"])[1])  # the median round
+    assert timing["batches"] == 2 and 0 < timing["tokens"] < result["forward_tokens"]
+    assert timing["decode_steps"] == (5 if task == "synthetic" else 0)
+    assert all(seconds > 0 for seconds in timing["model_s"] + timing["reference_s"])
+
+
+def test_paired_timing_needs_recorded_batches(tiny_llama_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "arc_easy",
+            "--data-dir", str(data_dir), "--out", str(out), "--limit", "2",
+            "--reference-model", str(tiny_llama_dir), "--timing-batches", "0"]  # fmt: skip
+    assert radial_main(argv) != 0
+    assert "--timing-batches must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_evaluate_group_accuracy_is_weighted_by_size(tiny_llama_dir, data_dir, tmp_path):
     result = _evaluate(tiny_llama_dir, data_dir, "mmlu", tmp_path / "eval.json")
     sizes = MMLU_TEST_ROWS

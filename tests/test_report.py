@@ -42,6 +42,16 @@ def test_speedup_is_dense_forward_time_over_variant_forward_time():
     assert speedups["dense", "synthetic"] == pytest.approx(1.0)
 
 
+def test_paired_timing_is_the_speedup_where_the_evaluation_has_it():
+    paired = _evaluation("routed", "arc_easy", 0.45, 8, 5.0) | {"timing": {"speedup": 1.3}}
+    table = build_table([_evaluation("dense", "arc_easy", 0.5, 12, 10.0), paired,
+                         _evaluation("pruned", "arc_easy", 0.4, 6, 4.0)])  # fmt: skip
+    rows = table.set_index("variant")
+    assert rows.speedup_vs_dense["routed"] == pytest.approx(1.3)  # not 10 / 5 from the separate evaluations
+    assert rows.speedup_measured["routed"] == "paired"
+    assert rows.speedup_vs_dense["pruned"] == pytest.approx(2.5) and rows.speedup_measured["pruned"] == "throughput"
+
+
 def test_speedup_in_generation_is_per_token():
     """A variant that writes twice the tokens in twice the time is as fast as dense, not half as fast."""
     table = build_table([

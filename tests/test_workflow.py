@@ -44,6 +44,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (report / "pareto.png").stat().st_size > 0
     assert (table.wall_time_s > table.forward_time_s).all() and (table.forward_time_s > 0).all()
     assert (table.forward_tokens > 0).all() and table.speedup_vs_dense.notna().all()
+    assert (table.speedup_measured == "paired").all()  # every variant timed against dense in its own job
     markdown = (report / "report.md").read_text()
     assert "![residual ratio by layer and position](heatmap.png)" in markdown
     assert (report / "heatmap.png").stat().st_size > 0

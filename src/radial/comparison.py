@@ -311,7 +311,8 @@ def results_section(
         "### Accuracy, depth and speed",
         "",
         "Each cell: accuracy · average decoder layers executed per forward pass · speedup over dense on the same "
-        "task: the model's throughput (tokens per second spent in its forward calls) over dense's.",
+        "task, timed against dense in one process on the task's first lm-eval batches (median of alternating "
+        "rounds).",
         "",
         markdown_table(wide_table(table)),
         "",
@@ -375,11 +376,11 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
         "(`accuracy_stderr`), and differences within about two of them are noise."
     )
     notes.append(
-        "- Speedups are measured in separate evaluation jobs, on the time spent inside the model's forward "
-        "calls: lm-eval's own work (building requests, loading datasets, checking stop sequences) is left out, "
-        "since it does not depend on depth. With `evaluate.timing: exclusive` (the default) each job had every "
-        "core to itself; with `shared`, jobs ran side by side and slowed each other down. Short jobs still vary "
-        "by several percent between runs: compare speedups within one run on one machine."
+        "- Speedups: each evaluation job replays the task's first lm-eval batches through the variant and the "
+        "dense model in turn (generation: a fixed number of new tokens), several rounds, and reports the median "
+        "ratio; `dense` timed against itself shows the noise floor. Timing separate jobs instead varied by "
+        "10-30 % on one model. With `evaluate.timing: exclusive` (the default) each job had every core to "
+        "itself; with `shared`, jobs ran side by side. Compare speedups within one run on one machine."
     )
     methods = set(table.method)
     if "shortgpt" in methods:

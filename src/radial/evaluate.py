@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,6 +68,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-samples", action="store_true", help="also store each example's prompt hash, responses and score"
     )
+    parser.add_argument(
+        "--reference-model",
+        type=Path,
+        default=None,
+        help="model to time this one against (the dense model); its speedup is measured in this process",
+    )
+    parser.add_argument(
+        "--timing-repeats", type=int, default=5, help="paired timing rounds, reference and model alternating (default: 5)"
+    )
+    parser.add_argument(
+        "--timing-batches", type=int, default=4, help="lm-eval batches replayed per timing round (default: 4)"
+    )
+    parser.add_argument(
+        "--timing-decode-steps",
+        type=int,
+        default=16,
+        help="tokens generated per replayed batch in generation tasks (default: 16)",
+    )
     add_common_arguments(parser)
 
 
@@ -74,12 +93,16 @@ def main(args: argparse.Namespace) -> int:
     from radial import tracking
 
     spec = TASK_SPECS[args.task]
+    if args.reference_model is not None:
+        for flag in ("timing_repeats", "timing_batches", "timing_decode_steps"):
+            if getattr(args, flag) < 1:
+                raise RadialError(f"--{flag.replace('_', '-')} must be >= 1 to time against --reference-model")
     with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
         seed_everything(args.seed)
         eval_tasks.materialize(args.data_dir, tasks_dir, [args.task])  # bad data fails before a long model load
         model, tokenizer = load_model(args.model, args.device)
         gen_kwargs = generation_overrides(args.task, args.max_gen_toks, _context_length(model, tokenizer))
-        with LayerCounter(model) as counter:
+        with LayerCounter(model, record_batches=args.timing_batches) as counter:
             start = time.perf_counter()
             results = run_lm_eval(
                 model,
@@ -95,11 +118,14 @@ def main(args: argparse.Namespace) -> int:
             )
             wall_time_s = time.perf_counter() - start
         evaluation = summarize(results, spec, args, model, counter, wall_time_s)
+        if args.reference_model is not None:
+            evaluation["timing"] = paired_timing(model, args, spec.generates, counter.recorded, tokenizer)
         write_json(args.out, evaluation)
         print(
             f"{args.variant} on {args.task}: {evaluation['metric']} = {evaluation['accuracy']:.4f} "
             f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s, of which model forwards "
             f"{evaluation['forward_time_s']:.1f} s over {evaluation['forward_tokens']} tokens)"
+            + (f"; {evaluation['timing']['speedup']:.2f}x the reference" if "timing" in evaluation else "")
         )
 
         metrics = {
@@ -109,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
             "forward_time_s": evaluation["forward_time_s"],
             "n_examples": evaluation["n_examples"],
         }
+        if "timing" in evaluation:
+            metrics["speedup_vs_reference"] = evaluation["timing"]["speedup"]
         metrics |= {f"subtasks/{name}": value for name, value in evaluation["subtasks"].items()}
         run.log(metrics)
         run.summary.update(metrics)
@@ -199,10 +227,12 @@ class LayerCounter:
     left out: it does not depend on the depth and would otherwise dilute or skew the speedups.
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, record_batches: int = 0) -> None:
         from radial.layers import find_decoder_layers
 
         self.model = model
+        self.record_batches = record_batches
+        self.recorded: list[dict[str, Any]] = []  # the first `record_batches` fresh inputs, for paired timing
         self.layers = find_decoder_layers(model)
         self.forward_calls = 0
         self.layer_calls = 0
@@ -231,6 +261,11 @@ class LayerCounter:
             return
         self.forward_calls += 1
         tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is not None and len(self.recorded) < self.record_batches and _starts_a_sequence(kwargs):
+            mask = kwargs.get("attention_mask")
+            self.recorded.append(
+                {"input_ids": tokens.detach().clone(), "attention_mask": None if mask is None else mask.detach().clone()}
+            )
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
         if tokens is not None:
@@ -253,6 +288,70 @@ class LayerCounter:
     @property
     def mean_layers_per_forward(self) -> float:
         return self.layer_calls / self.forward_calls if self.forward_calls else float("nan")
+
+
+def _starts_a_sequence(kwargs: dict[str, Any]) -> bool:
+    """A loglikelihood batch or a generation's prefill: no cache yet, or an empty one."""
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
+
+
+def paired_timing(model, args: argparse.Namespace, generates: bool, batches: list[dict], tokenizer) -> dict[str, Any]:
+    """Time `model` against the reference model on the same lm-eval batches, alternating, in this process.
+
+    Separate processes differ by 10-30 % on the same model at the embedded model's size (thread
+    placement, caches, clock), more than many of the differences to measure. Here both models
+    replay the first recorded batches of this evaluation, as lm-eval ran them: one forward per
+    loglikelihood batch; `generate` with a fixed number of new tokens per generation batch (so
+    both produce the same tokens' worth of work). Each round times the reference and the model
+    in the order reference, model, model, reference, so neither gains from going first or last
+    (plain alternation put the same model at 1.08x itself). The speedup is the median of the
+    rounds' ratios: the same model timed against itself this way stays within about 3 % of 1.
+    """
+    import torch
+
+    if not batches:
+        raise RadialError("lm-eval ran no batches to time against the reference model")
+    same = Path(args.reference_model).resolve() == Path(args.model).resolve()
+    reference = model if same else load_model(args.reference_model, args.device)[0]
+
+    def replay(which) -> float:
+        _synchronize(torch.device(args.device))
+        start = time.perf_counter()
+        for batch in batches:
+            if generates:
+                which.generate(
+                    **batch,
+                    max_new_tokens=args.timing_decode_steps,
+                    min_new_tokens=args.timing_decode_steps,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                )
+            else:
+                which(batch["input_ids"])
+        _synchronize(torch.device(args.device))
+        return time.perf_counter() - start
+
+    seconds = {"model": [], "reference": []}
+    with torch.inference_mode():
+        replay(model), replay(reference)  # warm-up
+        for _ in range(args.timing_repeats):
+            seconds["reference"].append(replay(reference))
+            seconds["model"] += [replay(model), replay(model)]
+            seconds["reference"].append(replay(reference))
+    pairs = list(zip(seconds["reference"][0::2], seconds["reference"][1::2], seconds["model"][0::2], seconds["model"][1::2]))
+    round_ratios = [(r1 + r2) / (m1 + m2) for r1, r2, m1, m2 in pairs]
+    return {
+        "reference": str(args.reference_model),
+        "speedup": statistics.median(round_ratios),
+        "round_ratios": round_ratios,
+        "model_s": seconds["model"],
+        "reference_s": seconds["reference"],
+        "batches": len(batches),
+        "tokens": sum(int(b["input_ids"].numel()) for b in batches),
+        "decode_steps": args.timing_decode_steps if generates else 0,
+        "repeats": args.timing_repeats,
+    }
 
 
 def _synchronize(device) -> None:

@@ -31,6 +31,7 @@ TABLE_COLUMNS = [
     "forward_time_s",
     "forward_tokens",
     "speedup_vs_dense",
+    "speedup_measured",
     "n_examples",
 ]
 REQUIRED_FIELDS = (
@@ -71,20 +72,30 @@ def load_evaluations(paths: list[str | Path]) -> list[dict]:
 
 
 def build_table(evaluations: list[dict]) -> pd.DataFrame:
-    """One row per evaluation; speedup_vs_dense is the variant's model throughput over dense's on the task.
+    """One row per evaluation, with the variant's speedup over dense on the task.
 
-    Throughput is tokens through the model's forwards per second of forward time. On multiple-choice
-    tasks every variant scores the same tokens, so this is dense forward time / variant forward time;
-    in generation a variant may write longer or shorter answers than dense, and tokens per second
-    compares the speed of the model rather than the length of what it wrote.
+    `speedup_measured` says how: "paired" where the evaluation timed the variant against the dense
+    model in its own process (`radial evaluate --reference-model`, what the workflow runs: the
+    median over alternating rounds on the same lm-eval batches); else "throughput": the variant's
+    tokens per second of model forward time in its evaluation over dense's in dense's evaluation.
+    Separate processes vary by 10-30 % at the embedded model's size, so throughput ratios are rough.
     """
-    table = pd.DataFrame([{c: e.get(c) for c in TABLE_COLUMNS if c != "speedup_vs_dense"} for e in evaluations])
+    rows = []
+    for e in evaluations:
+        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured")}
+        row["paired_speedup"] = (e.get("timing") or {}).get("speedup")
+        rows.append(row)
+    table = pd.DataFrame(rows)
     throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)
     dense_throughput = dict(zip(table.task[table.variant == "dense"], throughput[table.variant == "dense"]))
-    table["speedup_vs_dense"] = [
+    by_throughput = [
         rate / dense_throughput[task] if task in dense_throughput and pd.notna(rate) else None
         for task, rate in zip(table.task, throughput)
     ]
+    paired = table.paired_speedup.notna()
+    table["speedup_vs_dense"] = table.paired_speedup.where(paired, pd.Series(by_throughput, dtype=float))
+    table["speedup_measured"] = ["paired" if p else ("throughput" if pd.notna(s) else None)
+                                 for p, s in zip(paired, by_throughput)]
     return table[TABLE_COLUMNS].sort_values(["task", "variant"]).reset_index(drop=True)
 
 
@@ -143,7 +154,9 @@ def render(
         "Accuracy is lm-eval's headline metric for the task; layers are decoder layers executed per forward "
         "pass on average; wall time is the whole evaluation (model loading excluded), forward time the part of it "
         "spent in the model's forward calls, which processed forward_tokens tokens (padding included); speedup is "
-        "the variant's tokens per second of forward time over dense's on the same task.",
+        "measured as `speedup_measured` says: paired (the variant timed against dense in one process on the "
+        "task's first lm-eval batches, alternating rounds, median ratio) or throughput (tokens per second of "
+        "forward time, from separate evaluations).",
         "",
         *(comparison_lines + ["### Every variant × task", ""] if comparison_lines else []),
         _markdown(table),
