@@ -78,13 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timing-repeats", type=int, default=5, help="paired timing rounds, reference and model alternating (default: 5)"
     )
     parser.add_argument(
-        "--timing-batches", type=int, default=4, help="lm-eval batches replayed per timing round (default: 4)"
+        "--timing-batches", type=int, default=1, help="lm-eval batches replayed per timing round (default: 1)"
     )
     parser.add_argument(
         "--timing-decode-steps",
         type=int,
-        default=16,
-        help="tokens generated per replayed batch in generation tasks (default: 16)",
+        default=8,
+        help="tokens generated per replayed batch in generation tasks (default: 8)",
     )
     add_common_arguments(parser)
 
