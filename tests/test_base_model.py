@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from radial.__main__ import main as radial_main
-from radial.base_model import greedy_answers, pack_examples, prompt_target_examples, text_examples, training_batches
+from radial.base_model import (
+    greedy_answers,
+    pack_examples,
+    pretraining_batches,
+    prompt_target_examples,
+    text_examples,
+    training_batches,
+)
 
 # Small enough to train in a few seconds; the stage's own defaults take minutes.
 QUICK_FLAGS = [
@@ -215,6 +222,37 @@ def test_batches_mask_padding_and_mix_benchmark_text():
     assert 0.1 < benchmark_rows < 0.4
     assert (input_ids[input_ids[:, 0] == 7] != 0).sum(dim=1).eq(8).all()  # cut to seq_len
 
+
+
+def test_pretraining_puts_one_question_per_row_and_mixes_benchmark_steps():
+    questions = [([10 + i, 20 + i, 30 + i][: 2 + i % 2], [-100, 20 + i, 30 + i][: 2 + i % 2]) for i in range(40)]
+    benchmark = [([7] * 9, [7] * 9)] * 50
+    batches = pretraining_batches(
+        questions, benchmark, 0.25, synthetic_batch_size=20, batch_size=4, seq_len=8, pad_id=0, rng=random.Random(0)
+    )
+    seen, benchmark_steps = [], 0
+    for _ in range(200):
+        input_ids, labels = next(batches)
+        if input_ids[0, 0] == 7:
+            benchmark_steps += 1
+            assert input_ids.shape == (4, 8) and (input_ids == 7).all()  # packed and cut to seq_len
+            continue
+        assert input_ids.shape[0] == 20
+        for ids, row_labels in zip(input_ids.tolist(), labels.tolist()):
+            i = ids[0] - 10
+            length = len(questions[i][0])
+            assert ids[:length] == questions[i][0] and row_labels[:length] == questions[i][1]  # from position 0
+            assert ids[length:] == [0] * (len(ids) - length) and row_labels[length:] == [-100] * (len(ids) - length)
+            seen.append(i)
+    assert 0.15 < benchmark_steps / 200 < 0.35
+    first_epoch = seen[:40]
+    assert sorted(first_epoch) == list(range(40)) and first_epoch != list(range(40))  # each once, shuffled
+    def first_batches(seed):
+        stream = pretraining_batches(questions, benchmark, 0.25, 20, 4, 8, 0, random.Random(seed))
+        return [next(stream)[0] for _ in range(10)]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(0)))  # seeded
+    assert not all(torch.equal(a, b) for a, b in zip(first_batches(0), first_batches(1)))
 
 @pytest.mark.slow
 def test_tiny_setting_of_the_end_to_end_config_learns(tmp_path, data_dir):
