@@ -27,7 +27,7 @@ from radial.base_model import (
 # Small enough to train in a few seconds; the stage's own defaults take minutes.
 QUICK_FLAGS = [
     "--layers", "4", "--hidden-size", "64", "--intermediate-size", "128", "--vocab-size", "300",
-    "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
+    "--seq-len", "64", "--synthetic-batch-size", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "5",
     "--eval-examples-per-level", "20",
 ]  # fmt: skip
 

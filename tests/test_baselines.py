@@ -307,6 +307,20 @@ def finetune_data(tmp_path):
     return tmp_path / "data"
 
 
+
+def test_fine_tuning_batches_hold_one_question_per_row_like_pre_training(tiny_tokenizer, finetune_data):
+    from radial.baselines.finetune import FinetuneBatches
+
+    batches = FinetuneBatches(tiny_tokenizer, finetune_data, 4, 32, 0.0, seed=0, synthetic_batch_size=6)
+    for micro_step in range(5):
+        batch = batches(micro_step)
+        assert batch["input_ids"].shape[0] == 6
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            text = tiny_tokenizer.decode(ids[mask.bool()])
+            assert text.count("=") == 1 and text[0].isdigit() and text.endswith("\n")  # one question from position 0
+    assert torch.equal(batches(3)["input_ids"], FinetuneBatches(
+        tiny_tokenizer, finetune_data, 4, 32, 0.0, seed=0, synthetic_batch_size=6)(3)["input_ids"])  # replayable
+
 @pytest.mark.slow
 def test_soft_stage_trains_nested_exits_and_makes_its_variants(tmp_path, tiny_llama_dir, finetune_data):
     from transformers import AutoModelForCausalLM
@@ -356,7 +370,9 @@ def test_dlo_stage_skips_its_capacity_and_saves_the_fine_tuned_base(tmp_path, ti
     from radial.baselines.finetune import FinetuneBatches
     from transformers import AutoTokenizer
 
-    batch = FinetuneBatches(AutoTokenizer.from_pretrained(out), finetune_data, 4, 32, 0.0, seed=0)(100)
+    batch = FinetuneBatches(
+        AutoTokenizer.from_pretrained(out), finetune_data, 4, 32, 0.0, seed=0, synthetic_batch_size=4
+    )(100)
     with torch.no_grad():
         dlo(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     assert 0 < dlo.radial_executed_layers() < 4

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedded.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default: 2)")
     embedded.add_argument("--intermediate-size", type=int, default=384, help="MLP size (default: 384)")
     embedded.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: 2048)")
-    embedded.add_argument("--seq-len", type=int, default=128, help="packed training sequence length (default: 128)")
+    embedded.add_argument("--seq-len", type=int, default=128, help="packed benchmark text sequence length (default: 128)")
     embedded.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: 1500)")
     embedded.add_argument(
         "--synthetic-batch-size",

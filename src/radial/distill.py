@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from radial import training
+from radial.baselines.finetune import add_batching_arguments
 from radial.utils import RadialError, add_common_arguments
 
 INFO_FILE = "training.json"
@@ -54,8 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="the sequential teacher (HF model folder)")
     parser.add_argument("--data-dir", required=True, type=Path, help="normalized data (synthetic + benchmark train splits)")
     parser.add_argument("--out", required=True, type=Path, help="student model folder to write (atomically)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per packed training sequence")
-    parser.add_argument("--benchmark-fraction", type=float, default=0.2, help="share of benchmark-text sequences")
+    add_batching_arguments(parser, seq_len=64)
     parser.add_argument(
         "--target-fraction", type=float, default=0.75, help="share of layers each token should run on average"
     )
@@ -237,7 +237,10 @@ def main(args: argparse.Namespace) -> int:
     if args.train_layers:
         groups.append({"params": list(student_base.parameters()), "lr": cfg.lr})
     batches = with_padding_mask(
-        FinetuneBatches(tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed)
+        FinetuneBatches(
+            tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed,
+            synthetic_batch_size=args.synthetic_batch_size,
+        )
     )
     distiller = Distiller(teacher, args)
     # Held out: the micro-batches right after the ones training uses.
@@ -248,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
         engine.module.train()
         return {"kl": metrics["kl"], "executed_fraction": metrics["executed_fraction"]}
 
-    settings = ("seq_len", "benchmark_fraction", "target_fraction", "temperature", "hidden_weight",
+    settings = ("seq_len", "synthetic_batch_size", "benchmark_fraction", "target_fraction", "temperature", "hidden_weight",
                 "compute_weight", "router_lr", "init_bias", "train_layers")
     fingerprint = {
         **{key: getattr(args, key) for key in settings},

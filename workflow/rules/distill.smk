@@ -14,6 +14,7 @@ DISTILL_TRAIN_KEYS = [
     "checkpoint_every",
     "eval_every",
     "seq_len",
+    "synthetic_batch_size",
     "benchmark_fraction",
     "target_fraction",
     "temperature",

@@ -1,10 +1,12 @@
 """What SoFT and DLO fine-tuning share: the data, the CLI flags and how a training run is summarised.
 
 Both fine-tune on the same examples the embedded base model was pre-trained on
-(radial.base_model.pretraining_examples): the synthetic train split and the benchmark train
-splits, packed into sequences that start at example boundaries, learning the answers only. The
-two baselines get the same data and, in the workflow, the same training budget (config key
-baselines.finetune).
+(radial.base_model.pretraining_examples), batched the same way (radial.base_model.pretraining_batches):
+synthetic questions one per row, learning the answers only, or benchmark train text packed into
+sequences. Packed questions would be a context the model never saw: fine-tuned on them, the
+embedded model fell from 96 % to 27 % on the synthetic task with every layer kept. The two
+baselines get the same data and, in the workflow, the same training budget (config key
+baselines.finetune); the radial distillation uses these batches too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Iterator
 import torch
 
 from radial import training
-from radial.base_model import BENCHMARK_SPLITS, SYNTHETIC_TASK, pretraining_examples, training_batches
+from radial.base_model import BENCHMARK_SPLITS, SYNTHETIC_TASK, pretraining_batches, pretraining_examples
 from radial.utils import RadialError
 
 
@@ -32,15 +34,28 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         + ")",
     )
     parser.add_argument("--out", required=True, type=Path, help="output model folder (written atomically)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed training sequence (default: 128)")
+    add_batching_arguments(parser, seq_len=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    training.add_train_arguments(parser, steps=150, lr=1e-3, warmup_steps=10, checkpoint_every=50)
+
+
+def add_batching_arguments(parser: argparse.ArgumentParser, seq_len: int) -> None:
+    parser.add_argument(
+        "--seq-len", type=int, default=seq_len, help=f"tokens per packed benchmark text sequence (default: {seq_len})"
+    )
+    parser.add_argument(
+        "--synthetic-batch-size",
+        type=int,
+        default=64,
+        help="synthetic questions per synthetic micro-step and GPU, one per row (default: 64); "
+        "--batch-size counts the packed benchmark sequences",
+    )
     parser.add_argument(
         "--benchmark-fraction",
         type=float,
         default=0.2,
-        help="share of sequences drawn from benchmark train text instead of the synthetic task (default: 0.2)",
+        help="share of micro-steps that train on benchmark train text instead of synthetic questions (default: 0.2)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    training.add_train_arguments(parser, steps=150, lr=1e-3, warmup_steps=10, checkpoint_every=50)
 
 
 class FinetuneBatches:
@@ -48,16 +63,26 @@ class FinetuneBatches:
 
     A pure function of the micro-step (the stream is rebuilt from the seed when asked to go back),
     so a resumed run sees the same batches. Each of W data-parallel ranks takes its own rows of a
-    global batch of W x batch_size sequences.
+    global batch of W x batch_size benchmark sequences or W x synthetic_batch_size questions.
     """
 
-    def __init__(self, tokenizer, data_dir: Path, batch_size: int, seq_len: int, benchmark_fraction: float, seed: int):
+    def __init__(
+        self,
+        tokenizer,
+        data_dir: Path,
+        batch_size: int,
+        seq_len: int,
+        benchmark_fraction: float,
+        seed: int,
+        *,
+        synthetic_batch_size: int,
+    ):
         train_file = Path(data_dir) / SYNTHETIC_TASK / "train.jsonl"
         if not train_file.is_file():
             raise RadialError(f"{train_file}: synthetic train split not found (run the data stage first)")
         self.synthetic, self.benchmark = pretraining_examples(tokenizer, Path(data_dir))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.batch_size, self.seq_len = batch_size, seq_len
+        self.batch_size, self.synthetic_batch_size, self.seq_len = batch_size, synthetic_batch_size, seq_len
         self.benchmark_fraction, self.seed = benchmark_fraction, seed
         self.num_texts = len(self.synthetic) + len(self.benchmark)
         self._stream: Iterator | None = None
@@ -65,10 +90,11 @@ class FinetuneBatches:
 
     def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
         if self._stream is None or micro_step < self._next:
-            self._stream = training_batches(
+            self._stream = pretraining_batches(
                 synthetic=self.synthetic,
                 benchmark=self.benchmark,
                 benchmark_fraction=self.benchmark_fraction,
+                synthetic_batch_size=self.synthetic_batch_size * training.world_size(),
                 batch_size=self.batch_size * training.world_size(),
                 seq_len=self.seq_len,
                 pad_id=self.pad_id,
@@ -78,7 +104,8 @@ class FinetuneBatches:
         while self._next <= micro_step:
             input_ids, labels = next(self._stream)
             self._next += 1
-        rows = slice(training.rank() * self.batch_size, (training.rank() + 1) * self.batch_size)
+        per_rank = len(input_ids) // training.world_size()
+        rows = slice(training.rank() * per_rank, (training.rank() + 1) * per_rank)
         input_ids, labels = input_ids[rows], labels[rows]
         # Prompt tokens carry label -100 too (only answers are learned), so the mask comes from padding.
         return {"input_ids": input_ids, "labels": labels, "attention_mask": (input_ids != self.pad_id).long()}
