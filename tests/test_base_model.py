@@ -21,7 +21,6 @@ from radial.base_model import (
     pretraining_batches,
     prompt_target_examples,
     text_examples,
-    training_batches,
 )
 
 # Small enough to train in a few seconds; the stage's own defaults take minutes.
@@ -210,18 +209,6 @@ def test_synthetic_loss_is_on_the_answer_only(embedded_dir):
     assert tokenizer.decode(learned) == "20\n" and labels[: len(ids) - len(learned)] == [-100] * (len(ids) - len(learned))
     [(text_ids, text_labels)] = text_examples(tokenizer, ["Question: why?"])
     assert text_labels == text_ids
-
-
-def test_batches_mask_padding_and_mix_benchmark_text():
-    synthetic = [([1, 2, 3], [-100, 2, 3])] * 50
-    benchmark = [([7] * 9, [7] * 9)] * 50
-    batches = training_batches(synthetic, benchmark, 0.25, batch_size=64, seq_len=8, pad_id=0, rng=random.Random(0))
-    input_ids, labels = next(batches)
-    assert torch.equal(labels == -100, (input_ids == 0) | (input_ids == 1))
-    benchmark_rows = (input_ids[:, 0] == 7).float().mean().item()
-    assert 0.1 < benchmark_rows < 0.4
-    assert (input_ids[input_ids[:, 0] == 7] != 0).sum(dim=1).eq(8).all()  # cut to seq_len
-
 
 
 def test_pretraining_puts_one_question_per_row_and_mixes_benchmark_steps():

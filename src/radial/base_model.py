@@ -341,32 +341,6 @@ def pack_examples(examples: list[Example], seq_len: int, rng: random.Random) -> 
             yield ids, labels
 
 
-def training_batches(
-    synthetic: list[Example],
-    benchmark: list[Example],
-    benchmark_fraction: float,
-    batch_size: int,
-    seq_len: int,
-    pad_id: int,
-    rng: random.Random,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches of packed sequences, for fine-tuning (SoFT, DLO, distillation): each sequence
-    is benchmark text with `benchmark_fraction`, else synthetic questions packed back to back.
-
-    Sequences are right-padded to the longest in the batch; padding gets label -100 so it is never
-    learned. No attention mask is needed: with causal attention, padding at the end is never attended
-    to by a real token.
-    """
-    synthetic_stream = pack_examples(synthetic, seq_len, random.Random(rng.random()))
-    benchmark_stream = pack_examples(benchmark, seq_len, random.Random(rng.random())) if benchmark else None
-    while True:
-        sequences = [
-            next(benchmark_stream if benchmark_stream and rng.random() < benchmark_fraction else synthetic_stream)
-            for _ in range(batch_size)
-        ]
-        yield right_padded(sequences, pad_id)
-
-
 def pretraining_batches(
     synthetic: list[Example],
     benchmark: list[Example],
@@ -386,6 +360,8 @@ def pretraining_batches(
     Why the questions are not packed: behind unrelated questions the model must first learn where
     its own question starts. Packed, seed 0 of the embedded recipe stayed near chance after 1000
     steps (7-16 % per level); one question per row, the same seed reached 97 % on level 1 in 1500.
+    Padding sits at the end of a row, so pre-training needs no attention mask (causal attention
+    never lets a real token see it).
     """
     question_stream = shuffled_forever(synthetic, random.Random(rng.random()))
     benchmark_stream = pack_examples(benchmark, seq_len, random.Random(rng.random())) if benchmark else None
