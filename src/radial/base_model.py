@@ -64,27 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedded.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default: 2)")
     embedded.add_argument("--intermediate-size", type=int, default=384, help="MLP size (default: 384)")
     embedded.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: 2048)")
-    embedded.add_argument("--seq-len", type=int, default=128, help="packed benchmark text sequence length (default: 128)")
     embedded.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: 1500)")
-    embedded.add_argument(
-        "--synthetic-batch-size",
-        type=int,
-        default=64,
-        help="synthetic questions per synthetic step, one per row (default: 64)",
-    )
     embedded.add_argument(
         "--batch-size", type=int, default=16, help="packed benchmark sequences per benchmark step (default: 16)"
     )
+    add_batching_arguments(embedded, seq_len=128)
     embedded.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     embedded.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps (default: 50)")
     embedded.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    embedded.add_argument(
-        "--benchmark-fraction",
-        type=float,
-        default=0.2,
-        help="fraction of steps that train on benchmark train text instead of synthetic questions, "
-        "when that text is present (default: 0.2)",
-    )
     embedded.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     embedded.add_argument(
         "--eval-examples-per-level",
@@ -339,6 +326,27 @@ def pack_examples(examples: list[Example], seq_len: int, rng: random.Random) -> 
             labels += example_labels
         if ids:
             yield ids, labels
+
+
+def add_batching_arguments(parser, seq_len: int) -> None:
+    """The flags of `pretraining_batches`, for pre-training and every stage that fine-tunes on its batches."""
+    parser.add_argument(
+        "--seq-len", type=int, default=seq_len, help=f"tokens per packed benchmark text sequence (default: {seq_len})"
+    )
+    parser.add_argument(
+        "--synthetic-batch-size",
+        type=int,
+        default=64,
+        help="synthetic questions per synthetic micro-step and GPU, one per row (default: 64); "
+        "--batch-size counts the packed benchmark sequences",
+    )
+    parser.add_argument(
+        "--benchmark-fraction",
+        type=float,
+        default=0.2,
+        help="share of micro-steps that train on benchmark train text, when present, instead of synthetic "
+        "questions (default: 0.2)",
+    )
 
 
 def pretraining_batches(

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from radial import training
-from radial.baselines.finetune import add_batching_arguments
+from radial.base_model import add_batching_arguments
 from radial.utils import RadialError, add_common_arguments
 
 INFO_FILE = "training.json"

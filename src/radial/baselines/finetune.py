@@ -19,7 +19,13 @@ from typing import Iterator
 import torch
 
 from radial import training
-from radial.base_model import BENCHMARK_SPLITS, SYNTHETIC_TASK, pretraining_batches, pretraining_examples
+from radial.base_model import (
+    BENCHMARK_SPLITS,
+    SYNTHETIC_TASK,
+    add_batching_arguments,
+    pretraining_batches,
+    pretraining_examples,
+)
 from radial.utils import RadialError
 
 
@@ -37,25 +43,6 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     add_batching_arguments(parser, seq_len=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     training.add_train_arguments(parser, steps=150, lr=1e-3, warmup_steps=10, checkpoint_every=50)
-
-
-def add_batching_arguments(parser: argparse.ArgumentParser, seq_len: int) -> None:
-    parser.add_argument(
-        "--seq-len", type=int, default=seq_len, help=f"tokens per packed benchmark text sequence (default: {seq_len})"
-    )
-    parser.add_argument(
-        "--synthetic-batch-size",
-        type=int,
-        default=64,
-        help="synthetic questions per synthetic micro-step and GPU, one per row (default: 64); "
-        "--batch-size counts the packed benchmark sequences",
-    )
-    parser.add_argument(
-        "--benchmark-fraction",
-        type=float,
-        default=0.2,
-        help="share of micro-steps that train on benchmark train text instead of synthetic questions (default: 0.2)",
-    )
 
 
 class FinetuneBatches:
