@@ -236,12 +236,7 @@ def main(args: argparse.Namespace) -> int:
     groups = [{"params": list(router.parameters()), "lr": args.router_lr}]
     if args.train_layers:
         groups.append({"params": list(student_base.parameters()), "lr": cfg.lr})
-    batches = with_padding_mask(
-        FinetuneBatches(
-            tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed,
-            synthetic_batch_size=args.synthetic_batch_size,
-        )
-    )
+    batches = with_padding_mask(FinetuneBatches.from_args(tokenizer, args))
     distiller = Distiller(teacher, args)
     # Held out: the micro-batches right after the ones training uses.
     held_out = [batches(cfg.steps * cfg.grad_accum + i) for i in range(HELD_OUT_BATCHES)]

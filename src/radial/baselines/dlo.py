@@ -171,10 +171,7 @@ def main(args: argparse.Namespace) -> int:
     num_layers = len(find_decoder_layers(base))
     router = GateTokenRouter(num_layers, base.config.hidden_size, init_bias=args.init_bias)
     routed = RoutedForCausalLM.from_base(base, router=router).train()
-    batches = FinetuneBatches(
-        tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed,
-        synthetic_batch_size=args.synthetic_batch_size,
-    )
+    batches = FinetuneBatches.from_args(tokenizer, args)
     traffic = LayerTraffic(routed)
     checkpoint_dir = training.checkpoint_dir_for(args)
 

@@ -75,6 +75,14 @@ class FinetuneBatches:
         self._stream: Iterator | None = None
         self._next = 0
 
+    @classmethod
+    def from_args(cls, tokenizer, args: argparse.Namespace) -> "FinetuneBatches":
+        """The batches a stage's parsed flags ask for (add_finetune_arguments, or distill's)."""
+        return cls(
+            tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed,
+            synthetic_batch_size=args.synthetic_batch_size,
+        )
+
     def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
         if self._stream is None or micro_step < self._next:
             self._stream = pretraining_batches(

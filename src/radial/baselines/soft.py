@@ -108,10 +108,7 @@ def main(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_finetuning(args.model)
     num_layers = len(find_decoder_layers(model))
     exits = resolve_exits(args.exits, num_layers)
-    batches = FinetuneBatches(
-        tokenizer, args.data_dir, args.batch_size, args.seq_len, args.benchmark_fraction, args.seed,
-        synthetic_batch_size=args.synthetic_batch_size,
-    )
+    batches = FinetuneBatches.from_args(tokenizer, args)
     exit_outputs = ExitOutputs(model, exits)
     checkpoint_dir = training.checkpoint_dir_for(args)
 
