@@ -354,6 +354,43 @@ def test_soft_stage_trains_nested_exits_and_makes_its_variants(tmp_path, tiny_ll
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage, flags, other_flags, last_call",
+    [
+        ("soft", ["--exits", "2"], ["--exits", "3"], "unwrapped_copy"),
+        ("dlo", ["--capacity", "0.25"], ["--capacity", "0.5"], "gathered_state_dict"),
+    ],
+)
+def test_interrupted_fine_tuning_resumes_only_under_the_same_flags_and_data(
+    tmp_path, tiny_llama_dir, finetune_data, monkeypatch, capsys, stage, flags, other_flags, last_call
+):
+    from radial import training
+
+    def killed_after_training(*args, **kwargs):
+        raise RuntimeError("killed after training")
+
+    monkeypatch.setattr(training, last_call, killed_after_training)  # the checkpoints stay, as after a kill
+    out = tmp_path / "models" / stage
+
+    def run(stage_flags):
+        with pytest.raises(RuntimeError, match="killed after training"):
+            radial_main([stage, "--model", str(tiny_llama_dir), "--data-dir", str(finetune_data), "--out", str(out),
+                         "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "1",
+                         "--wandb-mode", "disabled", "--seed", "0", *stage_flags])
+        return capsys.readouterr().out
+
+    run(flags)
+    assert (tmp_path / "models" / f"{stage}.checkpoints" / "latest").is_file()
+    assert "resumed from" in run(flags)
+    changed_flags = run(other_flags)
+    assert "starting afresh" in changed_flags and "resumed from" not in changed_flags
+    with open(finetune_data / "synthetic" / "train.jsonl", "a") as f:
+        f.write(json.dumps({"id": "synthetic/train/new", "question": "1+1=", "answer": "2", "level": 1}) + "\n")
+    changed_data = run(other_flags)
+    assert "starting afresh" in changed_data and "resumed from" not in changed_data
+
+
+@pytest.mark.slow
 def test_dlo_stage_skips_its_capacity_and_saves_the_fine_tuned_base(tmp_path, tiny_llama_dir, finetune_data):
     from transformers import AutoModelForCausalLM
 

@@ -219,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
 
     from radial import tracking
     from radial.baselines.common import write_variant_folder
-    from radial.baselines.finetune import FinetuneBatches, load_for_finetuning
+    from radial.baselines.finetune import FinetuneBatches, load_for_finetuning, run_fingerprint
     from radial.layers import find_decoder_layers
     from radial.routing import GateTokenRouter, RoutedForCausalLM
     from radial.utils import read_jsonl
@@ -246,13 +246,10 @@ def main(args: argparse.Namespace) -> int:
         engine.module.train()
         return {"kl": metrics["kl"], "executed_fraction": metrics["executed_fraction"]}
 
-    settings = ("seq_len", "synthetic_batch_size", "benchmark_fraction", "target_fraction", "temperature", "hidden_weight",
-                "compute_weight", "router_lr", "init_bias", "train_layers")
-    fingerprint = {
-        **{key: getattr(args, key) for key in settings},
-        "model": training.file_fingerprint(args.model),
-        "data": training.file_fingerprint(Path(args.data_dir) / "synthetic" / "train.jsonl"),
-    }
+    fingerprint = run_fingerprint(
+        args, "target_fraction", "temperature", "hidden_weight", "compute_weight", "router_lr", "init_bias",
+        "train_layers",
+    )
     with tracking.stage_run("distill", args, config={"num_layers": num_layers, "train_config": vars(cfg)}) as run:
         result = training.train(
             student, groups, batches, distiller, cfg, checkpoint_dir, run=run, desc="distill",

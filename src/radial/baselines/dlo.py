@@ -37,7 +37,13 @@ from torch import nn
 
 from radial import tracking, training
 from radial.baselines.common import write_variant_folder
-from radial.baselines.finetune import FinetuneBatches, add_finetune_arguments, load_for_finetuning, training_summary
+from radial.baselines.finetune import (
+    FinetuneBatches,
+    add_finetune_arguments,
+    load_for_finetuning,
+    run_fingerprint,
+    training_summary,
+)
 from radial.layers import find_decoder_layers
 from radial.utils import RadialError, add_common_arguments
 
@@ -185,6 +191,7 @@ def main(args: argparse.Namespace) -> int:
             checkpoint_dir,
             run=run,
             desc="dlo",
+            fingerprint=run_fingerprint(args, "capacity", "router_loss_weight", "init_bias"),
         )
         traffic.remove()
         state = training.gathered_state_dict(result.engine)

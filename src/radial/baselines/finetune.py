@@ -45,6 +45,21 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_train_arguments(parser, steps=150, lr=1e-3, warmup_steps=10, checkpoint_every=50)
 
 
+def run_fingerprint(args: argparse.Namespace, *method_flags: str) -> dict:
+    """What a fine-tuning run depends on besides its TrainConfig: the batching and method flags, the
+    model and the data files FinetuneBatches reads. Checkpoints are resumed only under the same
+    fingerprint (training.train), so an interrupted run is not continued with other settings."""
+    data_dir = Path(args.data_dir)
+    files = [data_dir / SYNTHETIC_TASK / "train.jsonl"]
+    files += [data_dir / task / f"{split}.jsonl" for task, split in BENCHMARK_SPLITS.items()]
+    flags = ("seq_len", "synthetic_batch_size", "benchmark_fraction", *method_flags)
+    return {
+        **{flag: getattr(args, flag) for flag in flags},
+        "model": training.file_fingerprint(args.model),
+        "data": {f"{file.parent.name}/{file.name}": training.file_fingerprint(file) for file in files if file.is_file()},
+    }
+
+
 class FinetuneBatches:
     """`batch_for_step` for the training harness: micro-step -> {input_ids, labels, attention_mask}.
 

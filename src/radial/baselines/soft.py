@@ -34,6 +34,7 @@ from radial.baselines.finetune import (
     add_finetune_arguments,
     causal_lm_loss,
     load_for_finetuning,
+    run_fingerprint,
     training_summary,
 )
 from radial.layers import find_decoder_layers
@@ -122,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
             checkpoint_dir,
             run=run,
             desc="soft",
+            fingerprint=run_fingerprint(args, "exits"),
         )
         exit_outputs.remove()
         trained = training.unwrapped_copy(result.engine, model).eval()
