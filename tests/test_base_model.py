@@ -168,9 +168,7 @@ def test_missing_local_model_names_the_config_key(tmp_path, capsys):
 
 
 def test_hub_id_offline_fails_fast(tmp_path, capsys, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "base"
     start = time.perf_counter()
     assert radial_main(["base-model", "--out", str(out), "--name-or-path", "radial-test/no-such-model"]) == 2
@@ -178,6 +176,38 @@ def test_hub_id_offline_fails_fast(tmp_path, capsys, monkeypatch):
     error = capsys.readouterr().err
     assert "model.name_or_path" in error and "radial-test/no-such-model" in error and "HF_HUB_OFFLINE" in error
     assert not out.exists()
+
+
+def test_hub_id_behind_an_endpoint_that_is_not_the_hub_fails_fast(tmp_path, capsys, monkeypatch):
+    """A server that accepts connections but answers 503 (an overloaded proxy, a wrong HF_ENDPOINT):
+    transformers alone retries for about 45 s and then blames the internet connection."""
+    import http.server
+    import threading
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    out = tmp_path / "base"
+    try:
+        start = time.perf_counter()
+        assert radial_main(["base-model", "--out", str(out), "--name-or-path", "radial-test/no-such-model"]) == 2
+        assert time.perf_counter() - start < 15
+    finally:
+        server.shutdown()
+    error = capsys.readouterr().err
+    assert "model.name_or_path" in error and "did not serve radial-test/no-such-model" in error
+    assert f"127.0.0.1:{server.server_port}" in error and not out.exists()
 
 
 def test_embedded_model_needs_the_synthetic_train_split(tmp_path, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from radial import data
+from radial import data, hub
 from radial.utils import RadialError, read_jsonl
 
 ARC_HEADER = (
@@ -258,7 +258,7 @@ def test_hub_probe_gives_up_after_the_timeout(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hanging_connect)
     start = time.monotonic()
-    reason = data.hub_unreachable_reason(timeout=0.3)
+    reason = hub.unreachable_reason(timeout=0.3, variables=hub.OFFLINE_VARIABLES)
     assert time.monotonic() - start < 2
     assert reason is not None and "huggingface.co:443 within 0.3 s" in reason
 

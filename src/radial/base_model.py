@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import time
-import urllib.parse
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +32,7 @@ SYNTHETIC_TASK = "synthetic"
 # Only train-like splits: the evaluation splits stay unseen.
 BENCHMARK_SPLITS = {"arc_easy": "train", "arc_challenge": "train", "gsm8k": "train", "mmlu": "dev"}
 MAX_POSITION_EMBEDDINGS = 512
-HUB_CONNECT_TIMEOUT_S = 5.0
+HUB_TIMEOUT_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,31 +164,18 @@ def load_pretrained(name_or_path: str):
     """Load a causal LM and its tokenizer from a local folder or the Hub, never hanging offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Offline, a Hub model already in the local HF cache still loads; anything else fails fast.
-    offline_reason = None if is_local_path(name_or_path) else hub_offline_reason()
-    local_files_only = offline_reason is not None
+    from radial import hub
+
+    # When the Hub cannot serve the model, one already in the local HF cache still loads; else a clear error.
+    unavailable = None if is_local_path(name_or_path) else hub.unavailable_reason("model", name_or_path, HUB_TIMEOUT_S)
+    local_files_only = unavailable is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto", local_files_only=local_files_only)
     except (OSError, ValueError) as err:
-        why = f"the Hugging Face Hub is unreachable ({offline_reason}) and it is not cached" if offline_reason else err
+        why = f"the Hugging Face Hub cannot serve it ({unavailable}) and it is not cached" if unavailable else err
         raise RadialError(f"model.name_or_path: cannot load {name_or_path!r}: {why}") from None
     return model.eval(), tokenizer
-
-
-def hub_offline_reason() -> str | None:
-    """Why the Hub cannot be used right now, or None: offline mode, or no TCP connection within 5 s."""
-    from huggingface_hub import constants, is_offline_mode
-
-    if is_offline_mode():
-        return "HF_HUB_OFFLINE is set"
-    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    try:
-        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        return f"cannot connect to {host}:{port}: {err}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,15 +23,12 @@ import csv
 import json
 import os
 import re
-import socket
-import threading
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from radial import synthetic
+from radial import hub, synthetic
 from radial.utils import RadialError, add_common_arguments, atomic_path, seed_everything, write_json, write_jsonl
 
 TASKS = ("arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic")
@@ -321,15 +318,14 @@ def _csv_records(
 
 
 def load_hub(task: str, timeout: float = DEFAULT_HUB_TIMEOUT_S) -> dict[str, list[dict]]:
-    """Load `task` with `datasets.load_dataset`, after checking quickly that the Hub can be reached."""
-    reason = hub_unreachable_reason(timeout)
+    """Load `task` with `datasets.load_dataset`, after checking quickly that the Hub can serve it."""
+    dataset_id, config = HUB_DATASETS[task]
+    reason = hub.unavailable_reason("dataset", dataset_id, timeout, hub.OFFLINE_VARIABLES)
     if reason is not None:
         raise RadialError(
-            f"no local benchmark folder was given and the Hugging Face Hub is unreachable ({reason}); "
+            f"no local benchmark folder was given and the Hugging Face Hub cannot serve {dataset_id} ({reason}); "
             f"set the config key `data.local_dir` (or pass --local-dir) to a folder with the original files"
         )
-    dataset_id, config = HUB_DATASETS[task]
-    _check_hub_dataset(dataset_id, timeout)
     import datasets
 
     splits = {}
@@ -340,47 +336,6 @@ def load_hub(task: str, timeout: float = DEFAULT_HUB_TIMEOUT_S) -> dict[str, lis
     if task == "mmlu":
         _check_mmlu_subjects(splits, Path(f"hub:{dataset_id}"))
     return splits
-
-
-def _check_hub_dataset(dataset_id: str, timeout: float) -> None:
-    """Ask the endpoint for the dataset's metadata once: a server that accepts connections but is not
-    the Hub (a proxy, a wrong HF_ENDPOINT) fails here in seconds, not in `datasets`' retries."""
-    from huggingface_hub import HfApi
-
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    try:
-        HfApi(endpoint=endpoint).dataset_info(dataset_id, timeout=timeout)
-    except Exception as err:  # noqa: BLE001 - any failure means the Hub cannot serve the dataset
-        why = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RadialError(
-            f"no local benchmark folder was given and {endpoint} did not serve {dataset_id} ({why}); "
-            f"set the config key `data.local_dir` (or pass --local-dir) to a folder with the original files"
-        ) from None
-
-
-def hub_unreachable_reason(timeout: float) -> str | None:
-    """Why the Hub cannot be used (offline env var set, no TCP connection within `timeout` s), or None."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").strip().lower() not in {"", "0", "false", "no", "off"}:
-            return f"{variable}={os.environ[variable]} is set"
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    failure: list[str] = ["no answer"]
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            failure.clear()
-        except OSError as err:
-            failure[:] = [str(err) or type(err).__name__]
-
-    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout)
-    if probe.is_alive() or failure:
-        return f"no TCP connection to {host}:{port} within {timeout:g} s: {failure[0] if failure else 'no answer'}"
-    return None
 
 
 def _normalize_hub_records(task: str, split: str, records) -> list[dict]:
