@@ -13,7 +13,8 @@ example's tokens (the prompt, or one decoding step); layer-tokens and wall time 
 Without --model the bench builds the embedded default's shape (12 layers, d=128, 4 heads, 2 KV
 heads, MLP 384) with random weights and a tokenizer trained on the synthetic text. Its answers
 are never right, so every example runs all simulations (the full-search regime); a trained model
-stops early on most examples, where fewer, shallower simulations share less.
+stops early on most examples, where fewer, shallower simulations share less. The MCTS stage's
+stats.json gives the same ratio (`eval_reduction`) for the workflow's own model and examples.
 """
 
 from __future__ import annotations
@@ -100,14 +101,21 @@ def main() -> int:
             f"{cost['simulations']} simulations, "
             f"{cost['seconds']:.1f} s"
         )
-    costs = ("block_evaluations", "layer_tokens", "search_seconds")
+    costs = ("block_evaluations", "naive_block_evaluations", "layer_tokens", "search_seconds")
     strip = lambda labels: [{k: v for k, v in x.items() if k not in costs} for x in labels]  # noqa: E731
     if strip(results["naive"][0]) != strip(results["cached"][0]):
         print("labels differ between naive and cached evaluation", file=sys.stderr)
         return 1
     naive, cached = results["naive"][1], results["cached"][1]
+    # The workflow's stats.json reports the naive cost a prefix-shared search counts without running it.
+    counted = sum(x["naive_block_evaluations"] for x in results["cached"][0])
+    if counted != naive["block_evaluations"]:
+        print(f"the cached run counted {counted} naive block evaluations, the naive run spent "
+              f"{naive['block_evaluations']}", file=sys.stderr)
+        return 1
     improved = sum(x["reward"] > 0 for x in results["cached"][0])
-    print(f"model: {source}, {routed.num_layers} layers; {len(rows)} examples; labels identical; "
+    print(f"model: {source}, {routed.num_layers} layers; {len(rows)} examples; "
+          f"labels and counted naive cost identical; "
           f"{improved} with a correct path; settings: {settings}")
     print(
         f"eval_reduction={naive['block_evaluations'] / cached['block_evaluations']:.2f} "

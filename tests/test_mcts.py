@@ -97,6 +97,36 @@ def test_a_path_only_computes_what_follows_its_first_change(routed_llama):
     evaluator.logits((0, 1, 3))  # already evaluated: free
     assert evaluator.block_evaluations == 7
     assert evaluator.layer_tokens == 7 * 4
+    assert evaluator.naive_block_evaluations == 4 + 3 + 5 + 3  # from scratch, every request runs its whole path
+
+
+@pytest.mark.parametrize("task", ["synthetic", "arc_easy"])
+def test_prefix_shared_search_gives_the_naive_labels_and_counts_the_naive_cost(tiny_llama_dir, task):
+    from transformers import AutoTokenizer
+
+    from radial.mcts import label_example
+
+    routed = RoutedForCausalLM.from_base(str(tiny_llama_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = [{"id": f"{task}/{i}", "task": task, "question": f"{i}+{i + 1}=", "answer": str(2 * i + 1)}
+            for i in range(3)]
+    if task == "arc_easy":
+        rows = [row | {"choices": ["red", "green", "blue sky"], "answer": i % 3} for i, row in enumerate(rows)]
+    settings = SearchSettings(simulations=40)
+    costs = ("block_evaluations", "naive_block_evaluations", "layer_tokens", "search_seconds")
+    for row in rows:
+        label = {
+            mode: label_example(
+                routed, tokenizer, row, settings, seed=0, max_new_tokens=4, share_prefixes=mode == "cached"
+            )
+            for mode in ("naive", "cached")
+        }
+        assert {k: v for k, v in label["cached"].items() if k not in costs} == {
+            k: v for k, v in label["naive"].items() if k not in costs
+        }
+        assert label["cached"]["naive_block_evaluations"] == label["naive"]["block_evaluations"]
+        assert label["naive"]["naive_block_evaluations"] == label["naive"]["block_evaluations"]
+        assert label["cached"]["block_evaluations"] < label["naive"]["block_evaluations"]
 
 
 def test_greedy_answers_equal_routed_generate(tiny_llama_dir):

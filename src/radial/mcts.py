@@ -253,7 +253,9 @@ def label_example(
     start = time.perf_counter()
     result = search(routed.num_layers, settings, lambda path: scorer(path).correct, rng)
     seconds = time.perf_counter() - start
-    block_evaluations, layer_tokens = scorer.evaluator.block_evaluations, scorer.evaluator.layer_tokens
+    evaluator = scorer.evaluator
+    block_evaluations, naive_block_evaluations = evaluator.block_evaluations, evaluator.naive_block_evaluations
+    layer_tokens = evaluator.layer_tokens
     label = {
         "id": row["id"],
         "task": task,
@@ -270,6 +272,7 @@ def label_example(
         "prediction": scorer(result.path).answer,  # (after the cost was read: naive mode recomputes it)
         "paths_evaluated": result.paths_evaluated,
         "block_evaluations": block_evaluations,
+        "naive_block_evaluations": naive_block_evaluations,
         "layer_tokens": layer_tokens,
         "search_seconds": round(seconds, 4),
     }
@@ -379,8 +382,19 @@ def summarize(labels: list[dict]) -> dict:
         "num_layers": num_layers,
         "class_counts": {name: totals[name] for name in LABEL_NAMES},
         "class_counts_per_layer": [dict(zip(LABEL_NAMES, counts)) for counts in per_layer],
-        "block_evaluations": sum(x.get("block_evaluations", 0) for x in labels),
+        **prefix_sharing(labels),
         "by_group": {name: figures(groups[name]) for name in sorted(groups, key=_group_order)},
+    }
+
+
+def prefix_sharing(labels: list[dict]) -> dict:
+    """Block evaluations spent, and what evaluating every path from scratch would have spent."""
+    cached = sum(x.get("block_evaluations", 0) for x in labels)
+    naive = sum(x.get("naive_block_evaluations", 0) for x in labels)
+    return {
+        "block_evaluations": cached,
+        "naive_block_evaluations": naive,
+        "eval_reduction": round(naive / cached, 3) if cached and naive else None,
     }
 
 
@@ -476,6 +490,8 @@ def run_gather(args: argparse.Namespace) -> int:
         tracking.log_artifact(run, f"{args.run_name}-mcts", "labels", outputs)
     print(
         f"{stats['examples']} labels: mean layers saved {stats['mean_layers_saved']:.2f}, "
-        f"improved {stats['fraction_improved']:.0%}, classes {stats['class_counts']} -> {args.out_dir}"
+        f"improved {stats['fraction_improved']:.0%}, classes {stats['class_counts']}, "
+        f"{stats['naive_block_evaluations'] / max(1, stats['block_evaluations']):.2f}x fewer block evaluations "
+        f"than without prefix sharing -> {args.out_dir}"
     )
     return 0

@@ -17,7 +17,9 @@ logits are those of `RoutedForCausalLM` with that path (tests check this).
 Cost is counted in *block evaluations*: one decoder layer applied to one block of one example
 (the prompt, one decoding step, or one choice continuation). `layer_tokens` counts the tokens
 those calls processed. With `share_prefixes=False` the trie is emptied before every path, which
-is exactly a plain KV-cached greedy decode of that path: the naive baseline.
+is exactly a plain KV-cached greedy decode of that path: the naive baseline. Either way
+`naive_block_evaluations` counts what the naive baseline spends on the same requests (every
+layer of the path for every block asked for), so a prefix-shared run reports its own saving.
 
 Rewards follow the lm-eval task YAMLs in radial/eval_tasks (prompt = the task's doc_to_text):
 - synthetic: greedy generation until "\\n"; exact match of the text before it with `answer`.
@@ -108,6 +110,7 @@ class PathEvaluator:
         self.prompt = tuple(int(t) for t in prompt_ids)
         self.share_prefixes = share_prefixes
         self.block_evaluations = 0
+        self.naive_block_evaluations = 0
         self.layer_tokens = 0
         self._root = _Node()
         self._block_inputs: dict[tuple[int, int], tuple] = {}  # (past length, block length) -> inputs
@@ -131,6 +134,7 @@ class PathEvaluator:
                 child = node.children[layer] = _Node()
             nodes.append(child)
         entry = nodes[-1].entries.get(blocks)
+        self.naive_block_evaluations += len(path)
         if entry is None or entry.logits is None:
             self._run(path, nodes, blocks)
             entry = nodes[-1].entries[blocks]
