@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
             "final_train": {k: v for k, v in result.history[-1].items() if k not in ("step", "seconds")},
             "resumed_from_step": result.resumed_from,
             "train_config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
-            "loss": {k: getattr(args, k) for k in settings},
+            "loss": {k: v for k, v in fingerprint.items() if k not in ("model", "data")},
             "history": result.history,
         }
         info = {
