@@ -151,3 +151,34 @@ def test_report_compares_methods_with_a_pareto_plot(tmp_path):
     assert pairs.variant.unique().tolist() == ["dlo-c0.25"]
     assert pairs.reference_accuracy.tolist() == pytest.approx([0.45, 0.225])  # 9 layers: 1/4 from 8 to 12
     assert "### Findings" in report and "### Limits" in report
+
+
+def test_report_describes_the_mcts_labels(tmp_path):
+    from radial.mcts import plot_summary, summarize
+
+    def label(i, level, path, default_correct):
+        return {"id": f"synthetic/{i}", "task": "synthetic", "level": level, "path": path,
+                "layer_labels": [path.count(layer) for layer in range(4)], "reward": 1.0,
+                "default_correct": default_correct, "simulations": 3 + i, "layers_saved": 4 - len(path),
+                "num_layers": 4, "block_evaluations": 10, "naive_block_evaluations": 25}
+
+    labels = [label(0, 1, [0, 1, 3], True), label(1, 1, [0, 1, 2, 3], False), label(2, 2, [0, 1, 1, 2, 3], False)]
+    stats = summarize(labels)
+    mcts = tmp_path / "mcts"
+    mcts.mkdir()
+    (mcts / "stats.json").write_text(json.dumps(stats))
+    plot_summary(mcts / "layers_saved.png", stats, labels)
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "radial", "report", "--evaluations",
+               *_write(tmp_path, [_evaluation("dense", "synthetic", 0.7, 4, 2.0)]), "--out-dir", str(out),
+               "--run-name", "unit", "--wandb-mode", "disabled"]
+    subprocess.run([*command, "--mcts-stats", str(mcts / "stats.json")], check=True, capture_output=True)
+    report = (out / "report.md").read_text()
+    assert "3 training examples searched" in report and "answered 33.3% of them correctly" in report
+    assert "saving 0.00 of 4 layers on average after 4.0 simulations" in report  # (1 + 0 - 1) / 3 saved
+    assert "skip 1, execute 10, repeat 1" in report and "2.50x fewer than evaluating" in report
+    assert "| synthetic L1 | 2 | 0.500 | 1.000 | 0.500 | 3.500 |" in report
+    assert (out / "mcts.png").read_bytes() == (mcts / "layers_saved.png").read_bytes()
+
+    missing = subprocess.run([*command, "--mcts-stats", str(tmp_path / "nowhere.json")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--mcts-stats" in missing.stderr and "nowhere.json" in missing.stderr

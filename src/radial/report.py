@@ -1,7 +1,7 @@
 """Report stage: every evaluated variant x task in one table, with the profiling plots.
 
-Reads the evaluation JSONs written by `radial evaluate`, the profiling folder and the base
-model's `radial_base.json`; writes `report.md`, `table.csv`, `subtasks.csv` (synthetic levels,
+Reads the evaluation JSONs written by `radial evaluate`, the profiling folder, the base
+model's `radial_base.json` and the MCTS stage's `stats.json`; writes `report.md`, `table.csv`, `subtasks.csv` (synthetic levels,
 MMLU subjects), `equal_depth.csv`, `pareto.png` and copies of the plots beside them,
 and logs the tables to wandb. The comparison of methods (what was run, the accuracy-depth-speed
 table, the Pareto plot, the equal-depth pairs, findings and limits) comes from radial.comparison.
@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluations", nargs="+", required=True, help="evaluation JSON files")
     parser.add_argument("--profile", type=Path, help="profiling output folder (plots and summary.json)")
     parser.add_argument("--base-model", type=Path, help="base model folder (radial_base.json, loss.png)")
+    parser.add_argument("--mcts-stats", type=Path, help="the MCTS stage's stats.json (layers_saved.png beside it)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and table.csv go")
     add_common_arguments(parser)
 
@@ -129,6 +130,7 @@ def render(
     profile_summary: dict | None,
     images: dict[str, str],
     comparison_lines: list[str] | None = None,
+    mcts_stats: dict | None = None,
 ) -> str:
     lines = [f"# radial report: {run_name}", ""]
     if base_info:
@@ -169,6 +171,8 @@ def render(
         lines += ["### Synthetic task by difficulty level", "", _markdown(wide), ""]
     if (subtasks.task != "synthetic").any():
         lines += ["Per-subject accuracy (MMLU) is in `subtasks.csv`.", ""]
+    if mcts_stats:
+        lines += mcts_section(mcts_stats, images.get("mcts"))
     if profile_summary or images.keys() & {"heatmap", "layers"}:
         lines += ["## Residual profile", ""]
         if profile_summary:
@@ -180,6 +184,36 @@ def render(
             if key in images:
                 lines += [f"![{title}]({images[key]})", ""]
     return "\n".join(lines)
+
+
+def mcts_section(stats: dict, image: str | None) -> list[str]:
+    """What the MCTS search found: the labels the Dr.LLM routers were trained on."""
+    counts = stats.get("class_counts", {})
+    lines = [
+        "## MCTS labels (router supervision)",
+        "",
+        f"{stats['examples']} training examples searched. The default path (every layer once) answered "
+        f"{stats['default_accuracy']:.1%} of them correctly, the labelled paths {stats['label_accuracy']:.1%}; "
+        f"{stats['fraction_improved']:.1%} improved on the default, saving {stats['mean_layers_saved']:.2f} of "
+        f"{stats['num_layers']} layers on average after {stats['mean_simulations']:.1f} simulations. "
+        f"Per-layer labels: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()) + ".",
+    ]
+    if stats.get("eval_reduction"):
+        lines[-1] += (
+            f" Prefix sharing: {stats['block_evaluations']:,} block evaluations, {stats['eval_reduction']:.2f}x "
+            "fewer than evaluating every simulated path from scratch."
+        )
+    rows = [
+        [name, group["examples"], group["default_accuracy"], group["label_accuracy"], group["mean_layers_saved"],
+         group["mean_simulations"]]
+        for name, group in stats.get("by_group", {}).items()
+    ]
+    if rows:
+        columns = ["group", "examples", "default accuracy", "label accuracy", "layers saved", "simulations"]
+        lines += ["", _markdown(pd.DataFrame(rows, columns=columns))]
+    if image:
+        lines += ["", f"![layers saved per difficulty level and per-layer labels]({image})"]
+    return lines + [""]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -195,11 +229,18 @@ def main(args: argparse.Namespace) -> int:
     if args.profile and (args.profile / "summary.json").exists():
         profile_summary = json.loads((args.profile / "summary.json").read_text())
 
+    mcts_stats = None
+    if args.mcts_stats:
+        if not args.mcts_stats.is_file():
+            raise RadialError(f"--mcts-stats: {args.mcts_stats} not found (run the mcts stage)")
+        mcts_stats = json.loads(args.mcts_stats.read_text())
+
     args.out_dir.mkdir(parents=True, exist_ok=True)
     sources = {
         "loss": args.base_model / "loss.png" if args.base_model else None,
         "heatmap": args.profile / "heatmap.png" if args.profile else None,
         "layers": args.profile / "layers.png" if args.profile else None,
+        "mcts": args.mcts_stats.parent / "layers_saved.png" if args.mcts_stats else None,
     }
     images = {}
     for key, source in sources.items():
@@ -222,7 +263,9 @@ def main(args: argparse.Namespace) -> int:
     with atomic_path(args.out_dir / "subtasks.csv") as tmp:
         subtasks.to_csv(tmp, index=False)
     with atomic_path(args.out_dir / "report.md") as tmp:
-        tmp.write_text(render(args.run_name, table, subtasks, base_info, profile_summary, images, comparison_lines))
+        tmp.write_text(
+            render(args.run_name, table, subtasks, base_info, profile_summary, images, comparison_lines, mcts_stats)
+        )
 
     with tracking.stage_run("report", args) as run:
         import wandb

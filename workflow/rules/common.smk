@@ -92,6 +92,11 @@ def variant_model(wildcards):
     ]
 
 
+def mcts_stats_for_report(wildcards):
+    """The report describes the MCTS labels when the routers trained on them are evaluated."""
+    return ["results/mcts/stats.json"] if "routers" in VARIANTS else []
+
+
 def gpus(device):
     """GPUs a job on `device` holds: the workstation profile's `gpu` limit keeps GPU jobs from
     overlapping, and the SLURM executor turns `gpu=1` into `sbatch --gpus=1`. "auto" may pick a GPU."""

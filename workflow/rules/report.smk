@@ -3,6 +3,7 @@ rule report:
         evaluations=expand("results/eval/{variant}/{task}.json", variant=VARIANTS, task=EVAL_TASKS),
         profile="results/profile",
         model="results/models/dense",
+        mcts=mcts_stats_for_report,
     output:
         report="results/report/report.md",
         table="results/report/table.csv",
@@ -11,9 +12,10 @@ rule report:
     log:
         "logs/report.log",
     params:
+        mcts=lambda wildcards, input: f"--mcts-stats {input.mcts}" if input.mcts else "",
         common=common_flags(),
     conda:
         "../../envs/report.yaml"
     shell:
         "python -m radial report --evaluations {input.evaluations} --profile {input.profile} --base-model {input.model}"
-        " --out-dir results/report {params.common} > {log} 2>&1"
+        " {params.mcts} --out-dir results/report {params.common} > {log} 2>&1"
