@@ -48,6 +48,10 @@ def test_tiny_workflow_end_to_end(tmp_path):
     markdown = (report / "report.md").read_text()
     assert "![residual ratio by layer and position](heatmap.png)" in markdown
     assert (report / "heatmap.png").stat().st_size > 0
+    mcts_stats = json.loads((tmp_path / "results/mcts/stats.json").read_text())
+    assert f"{mcts_stats['examples']} training examples searched" in markdown  # the routers' labels, described
+    assert mcts_stats["naive_block_evaluations"] > mcts_stats["block_evaluations"] > 0
+    assert (report / "mcts.png").stat().st_size > 0
 
     base = json.loads((tmp_path / "results/models/dense/radial_base.json").read_text())
     assert base["num_layers"] == 4 and len(base["synthetic_accuracy"]) == 5
