@@ -225,15 +225,18 @@ def build_embedded_model(args: argparse.Namespace, out_dir: Path, run):
     return model, tokenizer, train_summary
 
 
+def corpus_files(data_dir: Path) -> tuple[Path, list[Path]]:
+    """The files pre-training (and fine-tuning on its batches) reads: the synthetic train split, and
+    the benchmark train splits that are present."""
+    benchmark = [data_dir / task / f"{split}.jsonl" for task, split in BENCHMARK_SPLITS.items()]
+    return data_dir / SYNTHETIC_TASK / "train.jsonl", [path for path in benchmark if path.is_file()]
+
+
 def load_corpus(data_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """Pre-training data: synthetic (question, answer line) pairs and benchmark train examples as text."""
-    synthetic_rows = read_jsonl(data_dir / SYNTHETIC_TASK / "train.jsonl")
-    synthetic_pairs = [synthetic_pair(row, data_dir / SYNTHETIC_TASK / "train.jsonl") for row in synthetic_rows]
-    benchmark_texts = []
-    for task, split in BENCHMARK_SPLITS.items():
-        path = data_dir / task / f"{split}.jsonl"
-        if path.is_file():
-            benchmark_texts += [benchmark_text(row) for row in read_jsonl(path)]
+    synthetic_file, benchmark_files = corpus_files(data_dir)
+    synthetic_pairs = [synthetic_pair(row, synthetic_file) for row in read_jsonl(synthetic_file)]
+    benchmark_texts = [benchmark_text(row) for path in benchmark_files for row in read_jsonl(path)]
     return synthetic_pairs, benchmark_texts
 
 

@@ -1,10 +1,11 @@
 """Report stage: every evaluated variant x task in one table, with the profiling plots.
 
 Reads the evaluation JSONs written by `radial evaluate`, the profiling folder, the base
-model's `radial_base.json` and the MCTS stage's `stats.json`; writes `report.md`, `table.csv`, `subtasks.csv` (synthetic levels,
-MMLU subjects), `equal_depth.csv`, `pareto.png` and copies of the plots beside them,
-and logs the tables to wandb. The comparison of methods (what was run, the accuracy-depth-speed
-table, the Pareto plot, the equal-depth pairs, findings and limits) comes from radial.comparison.
+model's `radial_base.json` and the MCTS stage's `stats.json`; writes `report.md`, `table.csv`,
+`subtasks.csv` (synthetic levels, MMLU subjects), `equal_depth.csv`, `pareto.png` and copies of
+the plots beside them, and logs the tables to wandb. The comparison of methods (what was run,
+the accuracy-depth-speed table, the Pareto plot, the equal-depth pairs, findings and limits)
+comes from radial.comparison.
 """
 
 from __future__ import annotations

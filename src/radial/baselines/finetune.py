@@ -23,6 +23,7 @@ from radial.base_model import (
     BENCHMARK_SPLITS,
     SYNTHETIC_TASK,
     add_batching_arguments,
+    corpus_files,
     pretraining_batches,
     pretraining_examples,
 )
@@ -49,9 +50,8 @@ def run_fingerprint(args: argparse.Namespace, *method_flags: str) -> dict:
     """What a fine-tuning run depends on besides its TrainConfig: the batching and method flags, the
     model and the data files FinetuneBatches reads. Checkpoints are resumed only under the same
     fingerprint (training.train), so an interrupted run is not continued with other settings."""
-    data_dir = Path(args.data_dir)
-    files = [data_dir / SYNTHETIC_TASK / "train.jsonl"]
-    files += [data_dir / task / f"{split}.jsonl" for task, split in BENCHMARK_SPLITS.items()]
+    synthetic_file, benchmark_files = corpus_files(Path(args.data_dir))
+    files = [synthetic_file, *benchmark_files]
     flags = ("seq_len", "synthetic_batch_size", "benchmark_fraction", *method_flags)
     return {
         **{flag: getattr(args, flag) for flag in flags},
