@@ -1,5 +1,6 @@
 # radial: residual profiling, layer routing and evaluation of dynamic-depth LLMs.
-# Stages live in workflow/rules/<stage>.smk; the code they run is src/radial/<stage>.py.
+# Stages live in workflow/rules/<stage>.smk; the code they run is src/radial/stages/<stage>.py
+# (baselines.smk: src/radial/stages/baselines/), on the library beside it in src/radial/.
 from snakemake.utils import min_version
 
 min_version("9.0")

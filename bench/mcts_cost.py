@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from radial import synthetic
-from radial.mcts import label_example
+from radial.stages.mcts import label_example
 from radial.path_search import SearchSettings
 from radial.routing import RoutedForCausalLM
 

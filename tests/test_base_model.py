@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from radial.__main__ import main as radial_main
-from radial.base_model import (
-    greedy_answers,
-    pack_examples,
-    pretraining_batches,
-    prompt_target_examples,
-    text_examples,
-)
+from radial.corpus import pack_examples, pretraining_batches, prompt_target_examples, text_examples
+from radial.stages.base_model import greedy_answers
 
 # Small enough to train in a few seconds; the stage's own defaults take minutes.
 QUICK_FLAGS = [

@@ -9,8 +9,8 @@ import torch
 
 from conftest import make_tiny_model
 from radial.__main__ import main as radial_main
-from radial.baselines import VARIANT_INFO
-from radial.baselines.shortgpt import kept_path, layers_to_remove
+from radial.variant_folders import VARIANT_INFO
+from radial.stages.baselines.shortgpt import kept_path, layers_to_remove
 from radial.utils import RadialError, write_jsonl
 
 
@@ -103,7 +103,7 @@ def _batch(seed=0, batch=3, seq=10, vocab=320):
 
 
 def test_soft_loss_is_the_mean_of_the_sub_model_losses():
-    from radial.baselines.soft import ExitOutputs, sorted_loss
+    from radial.stages.baselines.soft import ExitOutputs, sorted_loss
 
     model = make_tiny_model("llama", num_layers=4)
     batch = _batch()
@@ -121,7 +121,7 @@ def test_soft_loss_is_the_mean_of_the_sub_model_losses():
 
 
 def test_soft_exits_share_one_norm_and_head():
-    from radial.baselines.soft import ExitOutputs, sorted_loss
+    from radial.stages.baselines.soft import ExitOutputs, sorted_loss
 
     model = make_tiny_model("llama", num_layers=4)
     parameters_before = sum(p.numel() for p in model.parameters())
@@ -144,7 +144,7 @@ def test_soft_exits_share_one_norm_and_head():
 
 
 def test_soft_default_exits_every_eighth_of_the_depth():
-    from radial.baselines.soft import resolve_exits
+    from radial.stages.baselines.soft import resolve_exits
 
     assert resolve_exits(None, 32) == [4, 8, 12, 16, 20, 24, 28, 32]
     assert resolve_exits(None, 12) == [2, 3, 5, 6, 8, 9, 11, 12]
@@ -215,7 +215,7 @@ def reference_forward_hidden(base, ids, depth):
 
 
 def test_dlo_labels_skip_the_least_changing_pairs_up_to_capacity():
-    from radial.baselines.dlo import skip_labels
+    from radial.stages.baselines.dlo import skip_labels
 
     generator = torch.Generator().manual_seed(0)
     cosine = torch.rand(4, 2, 6, generator=generator)
@@ -233,7 +233,7 @@ def test_dlo_labels_skip_the_least_changing_pairs_up_to_capacity():
 
 
 def test_dlo_loss_trains_routers_toward_the_labels():
-    from radial.baselines.dlo import LayerTraffic, dlo_loss
+    from radial.stages.baselines.dlo import LayerTraffic, dlo_loss
     from radial.routing import GateTokenRouter, RoutedForCausalLM
 
     base = make_tiny_model("llama", num_layers=4)
@@ -309,7 +309,7 @@ def finetune_data(tmp_path):
 
 
 def test_fine_tuning_batches_hold_one_question_per_row_like_pre_training(tiny_tokenizer, finetune_data):
-    from radial.baselines.finetune import FinetuneBatches
+    from radial.corpus import FinetuneBatches
 
     batches = FinetuneBatches(tiny_tokenizer, finetune_data, 4, 32, 0.0, seed=0, synthetic_batch_size=6)
     for micro_step in range(5):
@@ -404,7 +404,7 @@ def test_dlo_stage_skips_its_capacity_and_saves_the_fine_tuned_base(tmp_path, ti
     assert config["base_model_relative_path"] == "base" and config["budget"]["skip_bias"] == info["skip_bias"]
     dlo = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert dlo.config.routing_mode == "token"
-    from radial.baselines.finetune import FinetuneBatches
+    from radial.corpus import FinetuneBatches
     from transformers import AutoTokenizer
 
     batch = FinetuneBatches(

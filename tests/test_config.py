@@ -10,14 +10,15 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT
-from radial.config import describe_validation_error
+from radial import settings
+from radial.settings import describe_validation_error
 
-SCHEMA = yaml.safe_load((PROJECT_ROOT / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(settings.SCHEMA_PATH.read_text())
 
 
 def _walk(schema, path=""):
     for key, sub in schema.get("properties", {}).items():
-        yield f"{path}{key}", sub
+        yield f"{path}{key}", settings.key_schema(f"{path}{key}")
         yield from _walk(sub, f"{path}{key}.")
 
 

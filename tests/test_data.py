@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from radial import data, hub
+from radial import hub
+from radial.stages import data
 from radial.utils import RadialError, read_jsonl
 
 ARC_HEADER = (

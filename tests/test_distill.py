@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from radial import distill
+from radial.stages import distill
 from radial.routing import GateTokenRouter, RoutedForCausalLM
 
 NUM_LAYERS = 4

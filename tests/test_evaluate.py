@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from radial import eval_tasks
+from radial import eval_tasks, settings
 from radial.__main__ import main as radial_main
 from radial.utils import RadialError, read_jsonl, write_jsonl
 
@@ -218,7 +218,7 @@ def test_evaluate_writes_the_evaluation(task, tiny_llama_dir, data_dir, tmp_path
     assert set(result["subtasks"]) == expected_subtasks
     assert all(0.0 <= value <= 1.0 for value in result["subtasks"].values())
     assert result["n_examples"] == 2 * max(1, len(expected_subtasks))
-    assert result["num_fewshot"] == (5 if task == "gsm8k" else 0)
+    assert result["num_fewshot"] == settings.default(f"evaluate.num_fewshot.{task}")  # the workflow's default
     assert "samples" not in result
     json.dumps(result, allow_nan=False)  # strict JSON throughout
 
@@ -249,7 +249,7 @@ def test_paired_timing_needs_recorded_batches(tiny_llama_dir, data_dir, tmp_path
             "--data-dir", str(data_dir), "--out", str(out), "--limit", "2",
             "--reference-model", str(tiny_llama_dir), "--timing-batches", "0"]  # fmt: skip
     assert radial_main(argv) != 0
-    assert "--timing-batches must be >= 1" in capsys.readouterr().err
+    assert "--timing-batches 0: 0 is less than the minimum of 1" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -305,7 +305,7 @@ def test_layer_counter_counts_every_layer_of_a_dense_model(tiny_tokenizer):
     import torch
 
     from conftest import make_tiny_model
-    from radial.evaluate import LayerCounter, average_executed_layers
+    from radial.stages.evaluate import LayerCounter, average_executed_layers
 
     model = make_tiny_model("qwen2", num_layers=3)
     inputs = tiny_tokenizer(["3+5-2=", "7+4="], return_tensors="pt", padding=True)
@@ -328,7 +328,7 @@ def test_layer_counter_counts_every_layer_of_a_dense_model(tiny_tokenizer):
 
 def test_layer_counter_prefers_the_models_own_count():
     from conftest import make_tiny_model
-    from radial.evaluate import LayerCounter, average_executed_layers
+    from radial.stages.evaluate import LayerCounter, average_executed_layers
 
     model = make_tiny_model("llama", num_layers=4)
     model.radial_executed_layers = lambda: 2.5

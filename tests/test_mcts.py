@@ -22,7 +22,7 @@ import torch
 from conftest import make_tiny_model
 from radial import synthetic
 from radial.__main__ import main as radial_main
-from radial.mcts import gather_labels, select_examples, shard_examples, summarize
+from radial.stages.mcts import gather_labels, select_examples, shard_examples, summarize
 from radial.path_eval import (
     PathEvaluator,
     build_scorer,
@@ -104,7 +104,7 @@ def test_a_path_only_computes_what_follows_its_first_change(routed_llama):
 def test_prefix_shared_search_gives_the_naive_labels_and_counts_the_naive_cost(tiny_llama_dir, task):
     from transformers import AutoTokenizer
 
-    from radial.mcts import label_example
+    from radial.stages.mcts import label_example
 
     routed = RoutedForCausalLM.from_base(str(tiny_llama_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -371,7 +371,7 @@ def test_mcts_finds_the_brute_force_shortest_correct_path(trained_five_layer_mod
     MCTS must find a correct path as short as the shortest one; with the label's tie-break (fewest
     distinct layers) as well for most examples (which of several equally good paths is arbitrary).
     """
-    from radial.mcts import load_routed
+    from radial.stages.mcts import load_routed
 
     routed, tokenizer = load_routed(trained_five_layer_model, "cpu")
     rows = synthetic.generate(40, 5, 7, "train", test_rows=50)

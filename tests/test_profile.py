@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from radial import profile
+from radial.stages import profile
 from radial.__main__ import main as radial_main
-from radial.profile import METRICS, calibration_text, collect_statistics, summarize
+from radial.stages.profile import METRICS, calibration_text, collect_statistics, summarize
 
 PAD_ID = 2
 

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from radial.report import build_table, load_evaluations
+from radial.stages.report import build_table, load_evaluations
 from radial.utils import RadialError
 
 
@@ -154,7 +154,7 @@ def test_report_compares_methods_with_a_pareto_plot(tmp_path):
 
 
 def test_report_describes_the_mcts_labels(tmp_path):
-    from radial.mcts import plot_summary, summarize
+    from radial.stages.mcts import plot_summary, summarize
 
     def label(i, level, path, default_correct):
         return {"id": f"synthetic/{i}", "task": "synthetic", "level": level, "path": path,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radial import routers_train
+from radial.stages import routers as routers_train
 from radial.routing import DrLLMRouter, RoutedForCausalLM, counts_to_path, windowed_mean_pool
 from radial.utils import RadialError
 

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from radial import data, synthetic
+from radial import synthetic
+from radial.stages import data
 from radial.utils import RadialError
 
 

@@ -38,7 +38,7 @@ def lm_loss(engine, batch):
 def config(stage: int, **overrides) -> training.TrainConfig:
     values = dict(
         steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=1, weight_decay=0.01, zero_stage=stage,
-        checkpoint_every=3, seed=0, deepspeed_config=training.DEEPSPEED_CONFIG_DIR / f"zero{stage}.json",
+        checkpoint_every=3, seed=0, deepspeed_config=training.zero_config_file(stage),
     )
     values.update(overrides)
     return training.TrainConfig(**values)
@@ -64,7 +64,7 @@ def test_deepspeed_json_auto_values_are_filled_from_the_train_config():
     assert filled["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert filled["zero_allow_untested_optimizer"] is True
     # The stage from the config wins over the file's.
-    assert training.deepspeed_config(config(2, deepspeed_config=training.DEEPSPEED_CONFIG_DIR / "zero3.json"))[
+    assert training.deepspeed_config(config(2, deepspeed_config=training.zero_config_file(3)))[
         "zero_optimization"
     ]["stage"] == 2
 

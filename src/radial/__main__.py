@@ -1,7 +1,9 @@
 """`python -m radial <stage> ...`: every workflow stage runs without Snakemake.
 
-Each stage module exposes `add_arguments(parser)` and `main(args)`. Only the chosen stage is
-imported, so `--help` is fast and a stage pays only for its own heavy imports.
+Each stage module (radial/stages/, one per workflow/rules/*.smk) exposes `add_arguments(parser)`
+and `main(args)`. Only the chosen stage is imported, so `--help` is fast and a stage pays only for
+its own heavy imports. Flags linked to config keys are checked against the config schema before
+the stage starts (radial.settings).
 """
 
 from __future__ import annotations
@@ -10,22 +12,22 @@ import argparse
 import importlib
 import sys
 
-from radial import __version__
+from radial import __version__, settings
 from radial.utils import RadialError
 
 STAGES = {
-    "data": ("radial.data", "normalize benchmark files (ARC, GSM8K, MMLU) and build the synthetic task"),
-    "base-model": ("radial.base_model", "build and pre-train the embedded tiny model, or fetch a Hub/local model"),
-    "profile": ("radial.profile", "residual profiling: residual ratio, block influence, cosine per layer and token"),
-    "mcts": ("radial.mcts", "MCTS layer-path search: per-example skip/execute/repeat labels for router training"),
-    "routers": ("radial.routers_train", "Dr.LLM routers trained on MCTS layer labels, base frozen (DeepSpeed ZeRO)"),
-    "distill": ("radial.distill", "distil the dense model into a token-routed radial student (DeepSpeed ZeRO)"),
-    "shortgpt": ("radial.baselines.shortgpt", "ShortGPT baseline: prune the k layers of lowest Block Influence"),
-    "soft": ("radial.baselines.soft", "SoFT baseline: sorted fine-tuning of nested sub-models (shared norm and head)"),
-    "soft-exit": ("radial.baselines.soft_exit", "SoFT variants: a fixed exit depth or a confidence-threshold early exit"),
-    "dlo": ("radial.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
-    "evaluate": ("radial.evaluate", "evaluate one model variant on one task with the stock lm-evaluation-harness"),
-    "report": ("radial.report", "collect evaluations and profiling plots into report.md and table.csv"),
+    "data": ("radial.stages.data", "normalize benchmark files (ARC, GSM8K, MMLU) and build the synthetic task"),
+    "base-model": ("radial.stages.base_model", "build and pre-train the embedded tiny model, or fetch a Hub/local model"),
+    "profile": ("radial.stages.profile", "residual profiling: residual ratio, block influence, cosine per layer and token"),
+    "mcts": ("radial.stages.mcts", "MCTS layer-path search: per-example skip/execute/repeat labels for router training"),
+    "routers": ("radial.stages.routers", "Dr.LLM routers trained on MCTS layer labels, base frozen (DeepSpeed ZeRO)"),
+    "distill": ("radial.stages.distill", "distil the dense model into a token-routed radial student (DeepSpeed ZeRO)"),
+    "shortgpt": ("radial.stages.baselines.shortgpt", "ShortGPT baseline: prune the k layers of lowest Block Influence"),
+    "soft": ("radial.stages.baselines.soft", "SoFT baseline: sorted fine-tuning of nested sub-models (shared norm and head)"),
+    "soft-exit": ("radial.stages.baselines.soft_exit", "SoFT variants: a fixed exit depth or a confidence-threshold early exit"),
+    "dlo": ("radial.stages.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
+    "evaluate": ("radial.stages.evaluate", "evaluate one model variant on one task with the stock lm-evaluation-harness"),
+    "report": ("radial.stages.report", "collect evaluations and profiling plots into report.md and table.csv"),
 }
 
 
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
+        settings.check_arguments(parser, args)
         return int(module.main(args) or 0)
     except RadialError as err:
         print(f"radial {stage}: error: {err}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radial.baselines import VARIANT_INFO
+from radial.variant_folders import VARIANT_INFO
 
 
 @dataclass(frozen=True)

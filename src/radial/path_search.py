@@ -35,6 +35,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from radial import settings
 from radial.routing import counts_to_path, dense_path
 from radial.utils import RadialError
 
@@ -43,29 +44,19 @@ Evaluate = Callable[[tuple[int, ...]], bool]  # path -> is the example answered 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Dr.LLM's MCTS defaults."""
+    """The search's settings; defaults are Dr.LLM's, the config schema's mcts.* keys."""
 
-    simulations: int = 200
-    exploration: float = 1.8
-    length_penalty: float = 3.0
-    random_child: float = 0.1
-    max_skip: int = 2
-    repeat: bool = True
-    max_length_factor: float = 2.0
-    early_stop: bool = True
+    simulations: int = settings.default_of("mcts.simulations")
+    exploration: float = settings.default_of("mcts.exploration")
+    length_penalty: float = settings.default_of("mcts.length_penalty")
+    random_child: float = settings.default_of("mcts.random_child")
+    max_skip: int = settings.default_of("mcts.max_skip")
+    repeat: bool = settings.default_of("mcts.repeat")
+    max_length_factor: float = settings.default_of("mcts.max_length_factor")
+    early_stop: bool = settings.default_of("mcts.early_stop")
 
     def __post_init__(self) -> None:
-        checks = {
-            "simulations": self.simulations >= 1,
-            "exploration": self.exploration >= 0,
-            "length_penalty": self.length_penalty >= 0,
-            "random_child": 0 <= self.random_child <= 1,
-            "max_skip": self.max_skip >= 1,
-            "max_length_factor": self.max_length_factor >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise RadialError(f"invalid MCTS setting {bad[0]}={getattr(self, bad[0])!r}")
+        settings.check_fields(self, "mcts", "MCTS setting")
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import random
 
+from radial import settings
 from radial.utils import RadialError
 
 TASK = "synthetic"
 SPLITS = ("train", "test")
-DEFAULT_TRAIN_ROWS = 20000
-DEFAULT_TEST_ROWS = 1000  # 200 per level: a per-level accuracy to about +-3.5 % (one standard error)
-DEFAULT_LEVELS = 5
+DEFAULT_TRAIN_ROWS = settings.default("data.synthetic.train")
+DEFAULT_TEST_ROWS = settings.default("data.synthetic.test")  # 200 per level: +-3.5 % per level (one s.e.)
+DEFAULT_LEVELS = settings.default("data.synthetic.levels")
 # Spaces up to this size are listed in full and shuffled; larger ones are sampled by rejection.
 _ENUMERATE_UP_TO = 100_000
 

@@ -2,7 +2,7 @@
 # results/models/<variant> that the evaluate rule picks up (variant_model in common.smk); the sweep
 # lists in config key `baselines` expand to these wildcards (radial.variants).
 # SoFT and DLO fine-tune on the DeepSpeed harness: they run on a GPU when evaluation does.
-FINETUNE_FLAGS = cli_flags(config["baselines"]["finetune"])
+FINETUNE_FLAGS = section_flags("baselines.finetune")
 FINETUNE_DATA = expand("results/data/{task}", task=TASKS)
 
 
@@ -103,7 +103,7 @@ rule dlo:
     wildcard_constraints:
         capacity=r"0?\.\d+",
     params:
-        router_loss_weight=config["baselines"]["dlo"]["router_loss_weight"],
+        router_loss_weight=cli_flags({"router_loss_weight": config["baselines"]["dlo"]["router_loss_weight"]}),
         flags=FINETUNE_FLAGS,
         common=common_flags(),
     threads: workflow.cores
@@ -113,5 +113,5 @@ rule dlo:
         "../../envs/train.yaml"
     shell:
         "python -m radial dlo --model {input.model} --data-dir results/data --capacity {wildcards.capacity}"
-        " --router-loss-weight {params.router_loss_weight} --out {output} --threads {threads} {params.flags}"
+        " {params.router_loss_weight} --out {output} --threads {threads} {params.flags}"
         " {params.common} > {log} 2>&1"

@@ -1,4 +1,5 @@
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -6,13 +7,13 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
-from radial.config import describe_validation_error, find_validation_error
+from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, soft_exits
 
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
+    validate(config, schema=str(SCHEMA_PATH))  # src/radial/resources/config.schema.yaml
 except WorkflowError as err:
     validation_error = find_validation_error(err)
     if validation_error is None:
@@ -41,13 +42,30 @@ def project_path(path):
 
 
 def cli_flags(options):
-    """{'hidden_size': 128} -> '--hidden-size 128' (config keys map one-to-one to stage flags)."""
+    """{'hidden_size': 128, 'repeat': False} -> '--hidden-size 128 --no-repeat' (config keys map
+    one-to-one to stage flags; the stages build those flags from the same schema). Values are
+    shell-quoted; a list gives several values; None gives no flag (the stage's default is null too)."""
     flags = []
     for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
         if value is None:
             continue
-        flags.append(f"--{key.replace('_', '-')} {value}")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (list, tuple)):
+            flags.append(" ".join([flag, *(shlex.quote(str(item)) for item in value)]))
+        else:
+            flags.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(flags)
+
+
+def section_flags(section, exclude=()):
+    """The flags of every key of config section `section` ("distill", "baselines.finetune"), except
+    the workflow's own keys named in `exclude` (e.g. gpus, which picks the launcher)."""
+    options = config
+    for part in section.split("."):
+        options = options[part]
+    return cli_flags({key: value for key, value in options.items() if key not in exclude})
 
 
 def eval_limit(task):
@@ -57,7 +75,7 @@ def eval_limit(task):
 
 
 def common_flags():
-    return f"--seed {config['seed']} --run-name {config['run_name']} --wandb-mode {config['wandb']['mode']}"
+    return cli_flags({"seed": config["seed"], "run_name": config["run_name"], "wandb_mode": config["wandb"]["mode"]})
 
 
 def data_flags(wildcards):
@@ -81,7 +99,7 @@ def base_model_flags(wildcards):
     if name_or_path:
         local = project_path(name_or_path)
         return cli_flags({"name_or_path": local if os.path.exists(local) else name_or_path})
-    return cli_flags({"data_dir": "results/data", **config["model"]["embedded"]})
+    return f"--data-dir results/data {section_flags('model.embedded')}"
 
 
 def variant_model(wildcards):

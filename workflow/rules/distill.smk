@@ -2,26 +2,6 @@
 # on the DeepSpeed harness (radial.training), trained on the same text as the fine-tuned baselines.
 # Checkpoints go to results/train/distill/checkpoints/ (not a declared output: a killed job resumes).
 # distill.gpus: 0 = CPU, 1 = one GPU, N > 1 = N GPUs through the `deepspeed` launcher.
-DISTILL_TRAIN_KEYS = [
-    "steps",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "router_lr",
-    "warmup_steps",
-    "weight_decay",
-    "zero_stage",
-    "checkpoint_every",
-    "eval_every",
-    "seq_len",
-    "synthetic_batch_size",
-    "benchmark_fraction",
-    "target_fraction",
-    "temperature",
-    "hidden_weight",
-    "compute_weight",
-    "init_bias",
-]
 
 
 rule distill:
@@ -37,8 +17,7 @@ rule distill:
     params:
         launcher=train_launcher(config["distill"]["gpus"]),
         checkpoints="results/train/distill/checkpoints",
-        flags=cli_flags({key: config["distill"][key] for key in DISTILL_TRAIN_KEYS}),
-        train_layers="--train-layers" if config["distill"]["train_layers"] else "--no-train-layers",
+        flags=section_flags("distill", exclude=["gpus"]),
         common=common_flags(),
     threads: workflow.cores
     resources:
@@ -47,5 +26,5 @@ rule distill:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} distill --model {input.model} --data-dir results/data --out {output}"
-        " --checkpoint-dir {params.checkpoints} --threads {threads} {params.train_layers}"
+        " --checkpoint-dir {params.checkpoints} --threads {threads}"
         " {params.flags} {params.common} > {log} 2>&1"

@@ -10,14 +10,11 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{variant}/{task}.tsv"
     params:
-        num_fewshot=lambda wildcards: config["evaluate"]["num_fewshot"][wildcards.task],
-        limit=lambda wildcards: cli_flags({"limit": eval_limit(wildcards.task)}),
-        flags=cli_flags(
-            {
-                k: config["evaluate"][k]
-                for k in ("batch_size", "max_gen_toks", "device", "timing_repeats", "timing_batches", "timing_decode_steps")
-            }
+        task_flags=lambda wildcards: cli_flags(
+            {"limit": eval_limit(wildcards.task), "num_fewshot": config["evaluate"]["num_fewshot"][wildcards.task]}
         ),
+        # the evaluate section's other keys pick the jobs (variants, tasks, timing), not the stage's flags
+        flags=section_flags("evaluate", exclude=["variants", "tasks", "limit", "limit_per_task", "num_fewshot", "timing"]),
         common=common_flags(),
     # Each job times its variant against the dense model (--reference-model) for the report's
     # speedups. "exclusive": each job takes every core, so no other job runs beside it and slows it
@@ -29,5 +26,5 @@ rule evaluate:
         "../../envs/eval.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
-        " --data-dir results/data --num-fewshot {params.num_fewshot} --out {output} --reference-model {input.reference}"
-        " {params.limit} {params.flags} {params.common} > {log} 2>&1"
+        " --data-dir results/data --out {output} --reference-model {input.reference}"
+        " {params.task_flags} {params.flags} {params.common} > {log} 2>&1"

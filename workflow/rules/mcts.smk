@@ -2,19 +2,6 @@
 # A shard checkpoints into results/mcts/progress/ (deliberately not a declared output, so a killed
 # shard keeps its progress and resumes); its declared output is written once it is complete.
 # `snakemake --set-scatter mcts=N` overrides the number of shards.
-MCTS_SEARCH_KEYS = [
-    "checkpoint_every",
-    "simulations",
-    "exploration",
-    "length_penalty",
-    "random_child",
-    "max_skip",
-    "repeat",
-    "max_length_factor",
-    "early_stop",
-    "max_new_tokens",
-    "device",
-]
 
 
 scattergather:
@@ -34,9 +21,7 @@ rule mcts_shard:
     params:
         shard=mcts_shard_flags,
         progress="results/mcts/progress/{scatteritem}.jsonl",
-        tasks=" ".join(config["mcts"]["tasks"]),
-        examples=config["mcts"]["examples"],
-        flags=cli_flags({key: config["mcts"][key] for key in MCTS_SEARCH_KEYS}),
+        flags=section_flags("mcts", exclude=["shards"]),
         common=common_flags(),
     threads: 1
     resources:
@@ -44,8 +29,8 @@ rule mcts_shard:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial mcts search --model {input.model} --data-dir results/data --tasks {params.tasks}"
-        " --examples {params.examples} {params.shard} --progress {params.progress} --out {output}"
+        "python -m radial mcts search --model {input.model} --data-dir results/data"
+        " {params.shard} --progress {params.progress} --out {output}"
         " --threads {threads} {params.flags} {params.common} > {log} 2>&1"
 
 

@@ -10,7 +10,7 @@ rule profile:
         "benchmarks/profile.tsv"
     params:
         split=config["profile"]["split"],
-        flags=cli_flags({k: v for k, v in config["profile"].items() if k not in ("task", "split")}),
+        flags=section_flags("profile", exclude=["task", "split"]),
         common=common_flags(),
     resources:
         gpu=gpus("auto"),  # the profile stage runs on a GPU when one is visible

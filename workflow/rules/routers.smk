@@ -3,23 +3,6 @@
 # declared output: a killed job keeps them, and its re-run resumes from the last one.
 # routers.gpus: 0 trains on CPU in one process, 1 on one GPU, N > 1 on N GPUs through the
 # `deepspeed` launcher (train_launcher in common.smk).
-ROUTERS_TRAIN_KEYS = [
-    "steps",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "warmup_steps",
-    "weight_decay",
-    "zero_stage",
-    "checkpoint_every",
-    "eval_every",
-    "bottleneck",
-    "windows",
-    "focal_gamma",
-    "class_beta",
-    "val_fraction",
-    "max_length",
-]
 
 
 rule routers:
@@ -36,8 +19,7 @@ rule routers:
     params:
         launcher=train_launcher(config["routers"]["gpus"]),
         checkpoints="results/train/routers/checkpoints",
-        flags=cli_flags({key: config["routers"][key] for key in ROUTERS_TRAIN_KEYS}),
-        correct_only="--correct-only" if config["routers"]["correct_only"] else "",
+        flags=section_flags("routers", exclude=["gpus"]),
         common=common_flags(),
     threads: workflow.cores
     resources:
@@ -47,4 +29,4 @@ rule routers:
     shell:
         "{params.launcher} routers --model {input.model} --labels {input.labels} --data-dir results/data"
         " --out {output} --checkpoint-dir {params.checkpoints} --threads {threads}"
-        " {params.correct_only} {params.flags} {params.common} > {log} 2>&1"
+        " {params.flags} {params.common} > {log} 2>&1"

@@ -43,52 +43,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from radial import training
-from radial.base_model import add_batching_arguments
-from radial.utils import RadialError, add_common_arguments
+from radial import settings, training
+from radial.corpus import add_batching_arguments
+from radial.utils import RadialError
 
 INFO_FILE = "training.json"
 HELD_OUT_BATCHES = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="the sequential teacher (HF model folder)")
-    parser.add_argument("--data-dir", required=True, type=Path, help="normalized data (synthetic + benchmark train splits)")
-    parser.add_argument("--out", required=True, type=Path, help="student model folder to write (atomically)")
-    add_batching_arguments(parser, seq_len=64)
-    parser.add_argument(
-        "--target-fraction", type=float, default=0.75, help="share of layers each token should run on average"
-    )
-    parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
-    parser.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state MSE matching")
-    parser.add_argument("--compute-weight", type=float, default=5.0, help="weight of the depth penalty")
-    parser.add_argument("--router-lr", type=float, default=1e-2, help="peak learning rate of the token gates")
-    parser.add_argument("--init-bias", type=float, default=1.0, help="initial gate logit (> 0: every token runs)")
-    parser.add_argument(
-        "--train-layers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fine-tune the student's layers too (else only the gates)",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    training.add_train_arguments(
-        parser, steps=200, batch_size=16, grad_accum=1, lr=3e-4, warmup_steps=20, weight_decay=0.0, eval_every=50
-    )
-    add_common_arguments(parser)
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    checks = {
-        "--target-fraction": 0 < args.target_fraction <= 1,
-        "--temperature": args.temperature > 0,
-        "--hidden-weight": args.hidden_weight >= 0,
-        "--compute-weight": args.compute_weight >= 0,
-        "--router-lr": args.router_lr > 0,
-        "--seq-len": args.seq_len >= 2,
-    }
-    for flag, ok in checks.items():
-        if not ok:
-            raise RadialError(f"invalid {flag} {getattr(args, flag[2:].replace('-', '_'))}")
+    settings.add_path_argument(parser, "model", "the sequential teacher (HF model folder)")
+    settings.add_path_argument(parser, "data_dir", "normalized data (synthetic + benchmark train splits)")
+    settings.add_path_argument(parser, "out", "student model folder to write (atomically)")
+    add_batching_arguments(parser, "distill")
+    for name in ("target_fraction", "temperature", "hidden_weight", "compute_weight", "router_lr", "init_bias",
+                 "train_layers"):
+        settings.add_setting(parser, f"distill.{name}")
+    settings.add_threads_argument(parser)
+    training.add_train_arguments(parser, "distill")
+    settings.add_common_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +191,13 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from radial import tracking
-    from radial.baselines.common import write_variant_folder
-    from radial.baselines.finetune import FinetuneBatches, load_for_finetuning, run_fingerprint
+    from radial.variant_folders import write_variant_folder
+    from radial.corpus import FinetuneBatches
+    from radial.finetuning import load_for_finetuning
     from radial.layers import find_decoder_layers
     from radial.routing import GateTokenRouter, RoutedForCausalLM
     from radial.utils import read_jsonl
 
-    check_arguments(args)
     cfg = training.start_stage(args)
     checkpoint_dir = training.checkpoint_dir_for(args)
     student_base, tokenizer = load_for_finetuning(args.model)
@@ -246,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
         engine.module.train()
         return {"kl": metrics["kl"], "executed_fraction": metrics["executed_fraction"]}
 
-    fingerprint = run_fingerprint(
+    fingerprint = training.run_fingerprint(
         args, "target_fraction", "temperature", "hidden_weight", "compute_weight", "router_lr", "init_bias",
         "train_layers",
     )

@@ -28,8 +28,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from radial import hub, synthetic
-from radial.utils import RadialError, add_common_arguments, atomic_path, seed_everything, write_json, write_jsonl
+from radial import hub, settings, synthetic
+from radial.utils import RadialError, atomic_path, seed_everything, write_json, write_jsonl
 
 TASKS = ("arc_easy", "arc_challenge", "gsm8k", "mmlu", "synthetic")
 SPLITS = {
@@ -55,7 +55,7 @@ HUB_DATASETS = {  # task -> (dataset id, config name)
     "gsm8k": ("openai/gsm8k", "main"),
     "mmlu": ("cais/mmlu", "all"),
 }
-DEFAULT_HUB_TIMEOUT_S = 5.0
+DEFAULT_HUB_TIMEOUT_S = settings.default("data.hub_timeout")
 
 _ARC_FILE_PREFIX = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
 _ARC_FILE_SPLIT = {"train": "Train", "validation": "Dev", "test": "Test"}
@@ -408,43 +408,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically, replaced if present)"
     )
-    parser.add_argument(
-        "--local-dir",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="folder with the original files (arc/, gsm8k/, mmlu/); config key data.local_dir; "
-        "without it the Hub is used",
+    settings.add_setting(
+        parser, "data.local_dir", type=Path, metavar="PATH",
+        help="folder with the original files (arc/, gsm8k/, mmlu/); without it the Hub is used (config key data.local_dir)",
     )
-    parser.add_argument(
-        "--hub-timeout",
-        type=float,
-        default=DEFAULT_HUB_TIMEOUT_S,
-        metavar="SECONDS",
-        help=f"give up on the Hub if it cannot be reached within this time (default: {DEFAULT_HUB_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--synthetic-train",
-        type=int,
-        default=synthetic.DEFAULT_TRAIN_ROWS,
-        metavar="N",
-        help=f"synthetic train rows (default: {synthetic.DEFAULT_TRAIN_ROWS})",
-    )
-    parser.add_argument(
-        "--synthetic-test",
-        type=int,
-        default=synthetic.DEFAULT_TEST_ROWS,
-        metavar="N",
-        help=f"synthetic test rows (default: {synthetic.DEFAULT_TEST_ROWS})",
-    )
-    parser.add_argument(
-        "--levels",
-        type=int,
-        default=synthetic.DEFAULT_LEVELS,
-        metavar="N",
-        help=f"synthetic difficulty levels 1..N; level k adds 2k+1 one-digit operands (default: {synthetic.DEFAULT_LEVELS})",
-    )
-    add_common_arguments(parser)
+    settings.add_setting(parser, "data.hub_timeout", metavar="SECONDS")
+    settings.add_setting(parser, "data.synthetic.train", flag="--synthetic-train", metavar="N")
+    settings.add_setting(parser, "data.synthetic.test", flag="--synthetic-test", metavar="N")
+    settings.add_setting(parser, "data.synthetic.levels", metavar="N")
+    settings.add_common_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

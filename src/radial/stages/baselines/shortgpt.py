@@ -22,16 +22,20 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from radial import tracking
-from radial.baselines.common import num_layers_of, write_variant_folder
-from radial.utils import RadialError, add_common_arguments, seed_everything
+from radial import settings, tracking
+from radial.variant_folders import num_layers_of, write_variant_folder
+from radial.settings import add_common_arguments
+from radial.utils import RadialError, seed_everything
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="dense model folder (HF format, with tokenizer)")
+    settings.add_path_argument(parser, "model", "dense model folder (HF format, with tokenizer)")
     parser.add_argument("--profile", required=True, type=Path, help="profile stage output folder (summary.json)")
-    parser.add_argument("--k", required=True, type=int, help="number of layers to remove")
-    parser.add_argument("--out", required=True, type=Path, help="routed model folder to write (atomically)")
+    settings.add_setting(
+        parser, "baselines.shortgpt.k", nargs=None, default=None, required=True,
+        help="number of layers to remove (one value of the config's sweep)",
+    )
+    settings.add_path_argument(parser, "out", "routed model folder to write (atomically)")
     add_common_arguments(parser)
 
 

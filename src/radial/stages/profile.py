@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from radial import tracking
+from radial import settings, tracking
 from radial.layers import find_decoder_layers, layer_parts
-from radial.utils import RadialError, add_common_arguments, atomic_path, read_jsonl, seed_everything
+from radial.utils import RadialError, atomic_path, read_jsonl, seed_everything
 
 METRICS = ("residual_ratio", "attn_ratio", "mlp_ratio", "block_influence", "cosine")
 METRIC_LABELS = {
@@ -46,12 +46,11 @@ _EPS = 1e-12  # keeps a ratio finite when a hidden state is exactly zero
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model folder (or Hub id when online)")
     parser.add_argument("--data", type=Path, required=True, help="calibration jsonl in the shared schema")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    parser.add_argument("--max-examples", type=int, default=256, help="calibration rows sampled with the seed")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones truncated)")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
-    parser.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
-    add_common_arguments(parser)
+    settings.add_path_argument(parser, "out", "output folder (written atomically)")
+    for name in ("max_examples", "max_length", "batch_size"):
+        settings.add_setting(parser, f"profile.{name}")
+    settings.add_device_argument(parser)
+    settings.add_common_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,6 @@
     dlo        DLO-style token skipping (arXiv 2407.11030): per-layer linear routers trained during
                fine-tuning on cosine-similarity labels; variant `dlo-c{capacity}`.
 
-Every variant is a model folder that `AutoModelForCausalLM.from_pretrained` loads (after
-`import radial.routing`), with its tokenizer and a `radial_variant.json` saying what it is; the
-evaluation stage treats it like the dense model.
+Each writes a variant folder (radial.variant_folders) that the evaluation stage treats like the
+dense model.
 """
-
-VARIANT_INFO = "radial_variant.json"

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from radial import eval_tasks
-from radial.utils import RadialError, add_common_arguments, seed_everything, write_json
+from radial import settings
+from radial.utils import RadialError, seed_everything, write_json
 
 
 @dataclass(frozen=True)
@@ -48,23 +49,18 @@ _SAMPLE_KEYS = ("doc_id", "filter", "prompt_hash", "target", "resps", "filtered_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model folder (HF format, with tokenizer)")
+    settings.add_path_argument(parser, "model")
     parser.add_argument("--variant", required=True, help="name of the model variant, e.g. dense, routed, shortgpt")
     parser.add_argument("--task", required=True, choices=sorted(TASK_SPECS), help="task to evaluate on")
-    parser.add_argument("--data-dir", required=True, type=Path, help="normalized data folder (data stage output)")
-    parser.add_argument("--out", required=True, type=Path, help="evaluation JSON to write")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples per lm-eval task")
+    settings.add_path_argument(parser, "data_dir")
+    settings.add_path_argument(parser, "out", "evaluation JSON to write")
+    settings.add_setting(parser, "evaluate.limit")
     parser.add_argument(
-        "--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, as in lm-eval)"
+        "--num-fewshot", type=int, default=None, help="few-shot examples (default: config key evaluate.num_fewshot.<task>)"
     )
-    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default: 1)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument(
-        "--max-gen-toks",
-        type=int,
-        default=None,
-        help=f"max new tokens in generation tasks (default: the task's, else lm-eval's {LM_EVAL_DEFAULT_MAX_GEN_TOKS})",
-    )
+    settings.add_setting(parser, "evaluate.batch_size")
+    settings.add_device_argument(parser, "evaluate.device")
+    settings.add_setting(parser, "evaluate.max_gen_toks")
     parser.add_argument(
         "--log-samples", action="store_true", help="also store each example's prompt hash, responses and score"
     )
@@ -74,29 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model to time this one against (the dense model); its speedup is measured in this process",
     )
-    parser.add_argument(
-        "--timing-repeats", type=int, default=5, help="paired timing rounds, reference and model alternating (default: 5)"
-    )
-    parser.add_argument(
-        "--timing-batches", type=int, default=1, help="lm-eval batches replayed per timing round (default: 1)"
-    )
-    parser.add_argument(
-        "--timing-decode-steps",
-        type=int,
-        default=8,
-        help="tokens generated per replayed batch in generation tasks (default: 8)",
-    )
-    add_common_arguments(parser)
+    for name in ("timing_repeats", "timing_batches", "timing_decode_steps"):
+        settings.add_setting(parser, f"evaluate.{name}")
+    settings.add_common_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from radial import tracking
 
     spec = TASK_SPECS[args.task]
-    if args.reference_model is not None:
-        for flag in ("timing_repeats", "timing_batches", "timing_decode_steps"):
-            if getattr(args, flag) < 1:
-                raise RadialError(f"--{flag.replace('_', '-')} must be >= 1 to time against --reference-model")
+    if args.num_fewshot is None:
+        args.num_fewshot = settings.default(f"evaluate.num_fewshot.{args.task}")
     with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
         seed_everything(args.seed)
         eval_tasks.materialize(args.data_dir, tasks_dir, [args.task])  # bad data fails before a long model load

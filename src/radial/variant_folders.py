@@ -1,4 +1,9 @@
-"""What the baseline stages share: writing a variant folder, reading a model's layer count."""
+"""Variant folders: what every model-making stage writes, and what evaluation and the report read.
+
+Every variant is a model folder that `AutoModelForCausalLM.from_pretrained` loads (after
+`import radial.routing`), with its tokenizer and a `radial_variant.json` (VARIANT_INFO) saying what
+it is; the evaluation stage treats it like the dense model. The variant names are radial.variants'.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from radial.baselines import VARIANT_INFO
 from radial.utils import RadialError, atomic_path
+
+VARIANT_INFO = "radial_variant.json"
 
 
 def write_variant_folder(routed, tokenizer_source: str | Path, out: Path, info: dict[str, Any], extra=None) -> None:

@@ -35,9 +35,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from radial import settings
 from radial.utils import (
     RadialError,
-    add_common_arguments,
     atomic_path,
     read_jsonl,
     seed_everything,
@@ -49,53 +49,33 @@ LABEL_NAMES = ("skip", "execute", "repeat")
 PLOT_NAME = "layers_saved.png"
 
 
-def _flag_bool(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+SEARCH_KEYS = ("simulations", "exploration", "length_penalty", "random_child", "max_skip", "repeat",
+               "max_length_factor", "early_stop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from radial.path_eval import SUPPORTED_TASKS
-    from radial.path_search import SearchSettings
-
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     search = actions.add_parser("search", help="search the examples of one shard (resumable)")
-    search.add_argument("--model", type=Path, required=True, help="base model folder (HF format)")
-    search.add_argument("--data-dir", type=Path, required=True, help="normalized data: <task>/train.jsonl")
-    search.add_argument("--tasks", nargs="+", default=["synthetic"], choices=SUPPORTED_TASKS, help="tasks to label")
-    search.add_argument("--examples", type=int, default=200, help="training rows per task (sampled with the seed)")
+    settings.add_path_argument(search, "model", "base model folder (HF format)")
+    settings.add_path_argument(search, "data_dir", "normalized data: <task>/train.jsonl")
+    settings.add_setting(search, "mcts.tasks")
+    settings.add_setting(search, "mcts.examples")
     search.add_argument("--shard", type=int, default=0, help="this shard's index, 0-based")
     search.add_argument("--shards", type=int, default=1, help="number of shards the examples are split into")
-    search.add_argument("--out", type=Path, required=True, help="the shard's labels (jsonl, written when complete)")
+    settings.add_path_argument(search, "out", "the shard's labels (jsonl, written when complete)")
     search.add_argument("--progress", type=Path, default=None, help="checkpoint file (default: <out>.progress.jsonl)")
-    search.add_argument("--checkpoint-every", type=int, default=5, help="examples per checkpoint")
-    defaults = SearchSettings()
+    settings.add_setting(search, "mcts.checkpoint_every")
     group = search.add_argument_group("search (Dr.LLM defaults)")
-    group.add_argument("--simulations", type=int, default=defaults.simulations, help="MCTS simulations per example")
-    group.add_argument("--exploration", type=float, default=defaults.exploration, help="UCB exploration constant c")
-    group.add_argument("--length-penalty", type=float, default=defaults.length_penalty, help="λ in λ·len(path)/L")
-    group.add_argument("--random-child", type=float, default=defaults.random_child, help="chance of a random child")
-    group.add_argument("--max-skip", type=int, default=defaults.max_skip, help="most consecutive layers one edit skips")
-    group.add_argument("--repeat", type=_flag_bool, default=defaults.repeat, help="allow repeating a layer once")
-    group.add_argument(
-        "--max-length-factor", type=float, default=defaults.max_length_factor, help="paths at most this × L long"
-    )
-    group.add_argument(
-        "--early-stop", type=_flag_bool, default=defaults.early_stop, help="stop once the default is beaten"
-    )
-    group.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer tokens at most (generation tasks)")
-    search.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    search.add_argument("--device", default="cpu", help="torch device")
-    add_common_arguments(search)
+    for name in (*SEARCH_KEYS, "max_new_tokens"):
+        settings.add_setting(group, f"mcts.{name}")
+    settings.add_threads_argument(search)
+    settings.add_device_argument(search, "mcts.device")
+    settings.add_common_arguments(search)
 
     gather = actions.add_parser("gather", help="merge shard labels into labels.jsonl, stats.json and a plot")
     gather.add_argument("shard_files", nargs="+", type=Path, help="the shards' jsonl files")
     gather.add_argument("--out-dir", type=Path, required=True, help="where labels.jsonl, stats.json, the plot go")
-    add_common_arguments(gather)
+    settings.add_common_arguments(gather)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -213,16 +193,7 @@ class ProgressWriter:
 def settings_from(args: argparse.Namespace):
     from radial.path_search import SearchSettings
 
-    return SearchSettings(
-        simulations=args.simulations,
-        exploration=args.exploration,
-        length_penalty=args.length_penalty,
-        random_child=args.random_child,
-        max_skip=args.max_skip,
-        repeat=args.repeat,
-        max_length_factor=args.max_length_factor,
-        early_stop=args.early_stop,
-    )
+    return SearchSettings(**{name: getattr(args, name) for name in SEARCH_KEYS})
 
 
 def load_routed(model_dir: Path, device: str):
@@ -287,13 +258,13 @@ def run_search(args: argparse.Namespace) -> int:
 
     from radial import tracking
 
-    for flag in ("examples", "shards", "checkpoint_every", "max_new_tokens", "threads"):
-        if getattr(args, flag) < 1:
-            raise RadialError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if args.shards < 1:
+        raise RadialError(f"--shards must be at least 1 (got {args.shards})")
     if not 0 <= args.shard < args.shards:
         raise RadialError(f"--shard must be in 0..{args.shards - 1} (got {args.shard})")
     settings = settings_from(args)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     rows = shard_examples(select_examples(args.data_dir, args.tasks, args.examples, args.seed), args.shard, args.shards)
     example_ids = [row["id"] for row in rows]

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from radial import training
-from radial.utils import RadialError, add_common_arguments, read_jsonl, seed_everything
+from radial import settings, training
+from radial.utils import RadialError, read_jsonl, seed_everything
 
 ACTIONS = ("skip", "execute", "repeat")
 NUM_ACTIONS = len(ACTIONS)
@@ -47,28 +47,19 @@ INFO_FILE = "training.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="base model folder (frozen)")
+    settings.add_path_argument(parser, "model", "base model folder (frozen)")
     parser.add_argument("--labels", required=True, type=Path, help="MCTS labels jsonl (id, task, path, layer_labels)")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="normalized data, to look prompts up by id when a label row has none"
+    settings.add_path_argument(
+        parser, "data_dir", "normalized data, to look prompts up by id when a label row has none", required=False
     )
-    parser.add_argument("--out", required=True, type=Path, help="routed model folder to write (atomically)")
-    parser.add_argument("--bottleneck", type=int, default=128, help="router hidden width (Dr.LLM: 128)")
-    parser.add_argument("--windows", type=int, default=8, help="mean-pooling windows over the prompt (Dr.LLM: 8)")
-    parser.add_argument("--focal-gamma", type=float, default=2.0, help="focal loss gamma")
-    parser.add_argument("--class-beta", type=float, default=0.999, help="beta of the effective-number class weights")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="labelled examples held out for validation")
-    parser.add_argument("--max-length", type=int, default=256, help="prompt tokens kept (left-truncated)")
+    settings.add_path_argument(parser, "out", "routed model folder to write (atomically)")
+    for name in ("bottleneck", "windows", "focal_gamma", "class_beta", "val_fraction", "max_length", "correct_only"):
+        settings.add_setting(parser, f"routers.{name}")
     parser.add_argument("--feature-batch-size", type=int, default=32, help="prompts per teacher-forced forward")
-    parser.add_argument(
-        "--correct-only", action="store_true", help="train only on examples MCTS answered correctly (reward > 0)"
-    )
-    parser.add_argument("--device", default="auto", help="device for the frozen base (auto: this rank's GPU, else cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    training.add_train_arguments(
-        parser, steps=300, batch_size=32, grad_accum=2, lr=1e-3, warmup_steps=20, weight_decay=0.01, eval_every=50
-    )
-    add_common_arguments(parser)
+    settings.add_device_argument(parser)
+    settings.add_threads_argument(parser)
+    training.add_train_arguments(parser, "routers")
+    settings.add_common_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from radial import tracking
-    from radial.baselines.common import write_variant_folder
+    from radial.variant_folders import write_variant_folder
     from radial.routing import DrLLMRouter, RoutedForCausalLM, RouterBudget
 
     cfg = training.start_stage(args)
@@ -373,9 +364,9 @@ def main(args: argparse.Namespace) -> int:
 
 def run_fingerprint(args: argparse.Namespace) -> dict:
     """Stage settings and inputs: checkpoints of a run with other ones are not resumed."""
-    settings = ("bottleneck", "windows", "focal_gamma", "class_beta", "val_fraction", "max_length")
+    flags = ("bottleneck", "windows", "focal_gamma", "class_beta", "val_fraction", "max_length")
     return {
-        **{key: getattr(args, key) for key in settings},
+        **{key: getattr(args, key) for key in flags},
         "labels": training.file_fingerprint(args.labels),
         "model": training.file_fingerprint(args.model),
     }

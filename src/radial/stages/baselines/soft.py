@@ -27,29 +27,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from radial import tracking, training
-from radial.baselines import VARIANT_INFO
-from radial.baselines.finetune import (
-    FinetuneBatches,
-    add_finetune_arguments,
-    causal_lm_loss,
-    load_for_finetuning,
-    run_fingerprint,
-    training_summary,
-)
+from radial import settings, tracking, training
+from radial.variant_folders import VARIANT_INFO
+from radial.corpus import FinetuneBatches
+from radial.finetuning import add_finetune_arguments, causal_lm_loss, load_for_finetuning, training_summary
 from radial.layers import find_decoder_layers
-from radial.utils import RadialError, add_common_arguments, atomic_path, write_json
+from radial.settings import add_common_arguments
+from radial.utils import RadialError, atomic_path, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_finetune_arguments(parser)
-    parser.add_argument(
-        "--exits",
-        type=int,
-        nargs="+",
-        default=None,
-        help="sub-model depths (layers from the bottom); default: every L/8 layers; L is always added",
-    )
+    settings.add_setting(parser, "baselines.soft.exits")
     add_common_arguments(parser)
 
 
@@ -123,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
             checkpoint_dir,
             run=run,
             desc="soft",
-            fingerprint=run_fingerprint(args, "exits"),
+            fingerprint=training.run_fingerprint(args, "exits"),
         )
         exit_outputs.remove()
         trained = training.unwrapped_copy(result.engine, model).eval()

@@ -7,8 +7,15 @@ Either way the stage writes one HF-format folder (config, safetensors weights, t
     python -m radial base-model --out results/base --data-dir results/data      # embedded default
 
 The embedded default is a deep, narrow Llama trained from scratch on CPU in minutes: a byte-level
-BPE tokenizer trained on the corpus, then a plain AdamW loop (cosine schedule with warmup) over
-synthetic arithmetic questions, one per row, with steps of packed benchmark English mixed in.
+BPE tokenizer trained on the corpus (radial.corpus), then a plain AdamW loop (cosine schedule with
+warmup, betas 0.9/0.95) over synthetic arithmetic questions, one per row, with steps of packed
+benchmark English mixed in.
+
+That loop (`pretrain`) is deliberately not the DeepSpeed harness the fine-tuning stages share
+(radial.training): `bench/pretrain_loop.py` measured the harness at the same cost per step (0.230
+against 0.226 s, initialize 0.6 s), so speed is no reason either way, but the harness's optimizer
+and schedule (betas 0.9/0.999, its warm-up formula) would change a recipe whose results are
+seed-sensitive (level-5 accuracy 49-94 % over seeds). It stays a short loop of its own.
 Afterwards the model answers the synthetic test questions greedily, the way lm-eval's
 `generate_until` will, and the per-level accuracy goes into `radial_base.json`.
 """
@@ -25,12 +32,16 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from radial.utils import RadialError, add_common_arguments, atomic_path, read_jsonl, seed_everything, write_json
+from radial import settings
+from radial.corpus import (
+    SYNTHETIC_TASK,
+    load_corpus,
+    pretraining_batches,
+    prompt_target_examples,
+    text_examples,
+)
+from radial.utils import RadialError, atomic_path, read_jsonl, seed_everything, write_json
 
-SYNTHETIC_TASK = "synthetic"
-# Benchmark train splits mixed into pre-training so the tokenizer and model have seen English.
-# Only train-like splits: the evaluation splits stay unseen.
-BENCHMARK_SPLITS = {"arc_easy": "train", "arc_challenge": "train", "gsm8k": "train", "mmlu": "dev"}
 MAX_POSITION_EMBEDDINGS = 512
 HUB_TIMEOUT_S = 5.0
 
@@ -40,51 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Write an HF-format model folder: a Hub model or local folder copied with save_pretrained, or "
         "(without --name-or-path) the embedded tiny Llama pre-trained from scratch on CPU."
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (written atomically)")
-    parser.add_argument(
-        "--name-or-path",
-        default=None,
-        metavar="ID_OR_DIR",
+    settings.add_path_argument(parser, "out", "output folder (written atomically)")
+    settings.add_setting(
+        parser, "model.name_or_path", metavar="ID_OR_DIR",
         help="config key model.name_or_path: a Hub model id or a local HF folder; without it, build the embedded model",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="normalized data (<task>/<split>.jsonl): the embedded model pre-trains on synthetic/train.jsonl "
+    settings.add_path_argument(
+        parser,
+        "data_dir",
+        "normalized data (<task>/<split>.jsonl): the embedded model pre-trains on synthetic/train.jsonl "
         "and benchmark train splits; synthetic/test.jsonl is evaluated",
+        required=False,
     )
-    embedded = parser.add_argument_group("embedded model (used without --name-or-path)")
-    embedded.add_argument("--layers", type=int, default=12, help="decoder layers (default: 12)")
-    embedded.add_argument("--hidden-size", type=int, default=128, help="hidden size (default: 128)")
-    embedded.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    embedded.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default: 2)")
-    embedded.add_argument("--intermediate-size", type=int, default=384, help="MLP size (default: 384)")
-    embedded.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default: 2048)")
-    embedded.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: 1500)")
-    embedded.add_argument(
-        "--batch-size", type=int, default=16, help="packed benchmark sequences per benchmark step (default: 16)"
-    )
-    add_batching_arguments(embedded, seq_len=128)
-    embedded.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    embedded.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps (default: 50)")
-    embedded.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    embedded.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
-    embedded.add_argument(
-        "--eval-examples-per-level",
-        type=int,
-        default=200,
-        help="synthetic test questions answered per level after building the model (default: 200)",
-    )
-    add_common_arguments(parser)
+    embedded = parser.add_argument_group("embedded model (used without --name-or-path; config section model.embedded)")
+    settings.add_settings(embedded, "model.embedded")
+    settings.add_threads_argument(parser)
+    settings.add_common_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from radial.tracking import log_artifact, stage_run
 
     check_arguments(args)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
     with stage_run("base_model", args) as run:
@@ -223,170 +213,6 @@ def build_embedded_model(args: argparse.Namespace, out_dir: Path, run):
 
     log_image(run, "train/loss_curve", out_dir / "loss.png")
     return model, tokenizer, train_summary
-
-
-def corpus_files(data_dir: Path) -> tuple[Path, list[Path]]:
-    """The files pre-training (and fine-tuning on its batches) reads: the synthetic train split, and
-    the benchmark train splits that are present."""
-    benchmark = [data_dir / task / f"{split}.jsonl" for task, split in BENCHMARK_SPLITS.items()]
-    return data_dir / SYNTHETIC_TASK / "train.jsonl", [path for path in benchmark if path.is_file()]
-
-
-def load_corpus(data_dir: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pre-training data: synthetic (question, answer line) pairs and benchmark train examples as text."""
-    synthetic_file, benchmark_files = corpus_files(data_dir)
-    synthetic_pairs = [synthetic_pair(row, synthetic_file) for row in read_jsonl(synthetic_file)]
-    benchmark_texts = [benchmark_text(row) for path in benchmark_files for row in read_jsonl(path)]
-    return synthetic_pairs, benchmark_texts
-
-
-def synthetic_pair(row: dict, path: Path) -> tuple[str, str]:
-    """The line the model learns from, as (prompt, target): the question, then answer and newline
-    (generation stops at "\\n")."""
-    try:
-        return row["question"], f"{row['answer']}\n"
-    except KeyError as err:
-        raise RadialError(f"{path}: row {row.get('id', '?')} has no {err.args[0]!r} field") from None
-
-
-def benchmark_text(row: dict) -> str:
-    """A benchmark example as plain English: question, then the correct answer (or GSM8K's solution)."""
-    if row.get("choices"):
-        answer = row["choices"][row["answer"]]
-    else:
-        answer = row.get("solution", row["answer"])
-    return f"Question: {row['question']}\nAnswer: {answer}\n"
-
-
-# A training example: token ids and the labels learned from them (-100 where nothing is learned).
-Example = tuple[list[int], list[int]]
-
-
-def pretraining_examples(tokenizer, data_dir: Path) -> tuple[list[Example], list[Example]]:
-    """The embedded model's training data from <data-dir>, tokenized: (synthetic, benchmark) examples."""
-    synthetic_pairs, benchmark_texts = load_corpus(data_dir)
-    return prompt_target_examples(tokenizer, synthetic_pairs), text_examples(tokenizer, benchmark_texts)
-
-
-def text_examples(tokenizer, texts: list[str]) -> list[Example]:
-    """Plain language modelling: every token is learned."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [(tokens, list(tokens)) for tokens in ids]
-
-
-def prompt_target_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[Example]:
-    """Prompt tokens are context only; the loss is on the target (answer and newline).
-
-    The synthetic operands are uniformly random digits: predicting them teaches nothing, and with
-    their loss in the mix a small model learned the sums far more slowly (13 % vs 58 % exact on
-    level 1 after 600 steps of the embedded default).
-    """
-    if not pairs:
-        return []
-    prompts = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([prompt + target for prompt, target in pairs], add_special_tokens=False)["input_ids"]
-    examples = []
-    for (prompt, _), prompt_ids, full_ids in zip(pairs, prompts, fulls):
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise RadialError(f"the tokenizer merges the end of the prompt {prompt!r} with its answer")
-        examples.append((full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]))
-    return examples
-
-
-def pack_examples(examples: list[Example], seq_len: int, rng: random.Random) -> Iterator[Example]:
-    """Endless sequences of whole examples in shuffled order (reshuffled every epoch).
-
-    Every sequence starts at an example boundary, because evaluation prompts come at position 0 with
-    no BOS token before them. An example that no longer fits starts the next sequence; one longer
-    than `seq_len` is cut.
-    """
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        ids: list[int] = []
-        labels: list[int] = []
-        for index in order:
-            example_ids, example_labels = (part[:seq_len] for part in examples[index])
-            if len(ids) + len(example_ids) > seq_len:
-                yield ids, labels
-                ids, labels = [], []
-            ids += example_ids
-            labels += example_labels
-        if ids:
-            yield ids, labels
-
-
-def add_batching_arguments(parser, seq_len: int) -> None:
-    """The flags of `pretraining_batches`, for pre-training and every stage that fine-tunes on its batches."""
-    parser.add_argument(
-        "--seq-len", type=int, default=seq_len, help=f"tokens per packed benchmark text sequence (default: {seq_len})"
-    )
-    parser.add_argument(
-        "--synthetic-batch-size",
-        type=int,
-        default=64,
-        help="synthetic questions per synthetic micro-step and GPU, one per row (default: 64); "
-        "--batch-size counts the packed benchmark sequences",
-    )
-    parser.add_argument(
-        "--benchmark-fraction",
-        type=float,
-        default=0.2,
-        help="share of micro-steps that train on benchmark train text, when present, instead of synthetic "
-        "questions (default: 0.2)",
-    )
-
-
-def pretraining_batches(
-    synthetic: list[Example],
-    benchmark: list[Example],
-    benchmark_fraction: float,
-    synthetic_batch_size: int,
-    batch_size: int,
-    seq_len: int,
-    pad_id: int,
-    rng: random.Random,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches for pre-training the embedded model.
-
-    A step trains either on `synthetic_batch_size` synthetic questions, one per row starting at
-    position 0 (the way they are evaluated: zero-shot, no BOS), or, with `benchmark_fraction`, on
-    `batch_size` sequences of benchmark text packed to `seq_len`.
-
-    Why the questions are not packed: behind unrelated questions the model must first learn where
-    its own question starts. Packed, seed 0 of the embedded recipe stayed near chance after 1000
-    steps (7-16 % per level); one question per row, the same seed reached 97 % on level 1 in 1500.
-    Padding sits at the end of a row, so pre-training needs no attention mask (causal attention
-    never lets a real token see it).
-    """
-    question_stream = shuffled_forever(synthetic, random.Random(rng.random()))
-    benchmark_stream = pack_examples(benchmark, seq_len, random.Random(rng.random())) if benchmark else None
-    while True:
-        if benchmark_stream and rng.random() < benchmark_fraction:
-            sequences = [next(benchmark_stream) for _ in range(batch_size)]
-        else:
-            sequences = [next(question_stream) for _ in range(synthetic_batch_size)]
-        yield right_padded(sequences, pad_id)
-
-
-def shuffled_forever(examples: list[Example], rng: random.Random) -> Iterator[Example]:
-    """Every example once per epoch, in a new random order each epoch."""
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for index in order:
-            yield examples[index]
-
-
-def right_padded(sequences: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) tensors, right-padded to the longest sequence; padding is labelled -100."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for row, (sequence_ids, sequence_labels) in enumerate(sequences):
-        input_ids[row, : len(sequence_ids)] = torch.tensor(sequence_ids)
-        labels[row, : len(sequence_labels)] = torch.tensor(sequence_labels)
-    return input_ids, labels
 
 
 def pretrain(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], args: argparse.Namespace, run) -> dict:

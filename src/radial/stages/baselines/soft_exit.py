@@ -1,4 +1,4 @@
-"""SoFT evaluation variants over the one sorted-fine-tuned model (see radial.baselines.soft).
+"""SoFT evaluation variants over the one sorted-fine-tuned model (see radial.stages.baselines.soft).
 
     python -m radial soft-exit --model results/models/soft --depth 6 --out results/models/soft-exit6
     python -m radial soft-exit --model results/models/soft --threshold 0.9 --out results/models/soft-conf0.9
@@ -16,18 +16,24 @@ import argparse
 import json
 from pathlib import Path
 
-from radial import tracking
-from radial.baselines import VARIANT_INFO
-from radial.baselines.common import num_layers_of, write_variant_folder
-from radial.utils import RadialError, add_common_arguments, seed_everything
+from radial import settings, tracking
+from radial.variant_folders import VARIANT_INFO, num_layers_of, write_variant_folder
+from radial.settings import add_common_arguments
+from radial.utils import RadialError, seed_everything
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="the SoFT model folder (radial soft output)")
+    settings.add_path_argument(parser, "model", "the SoFT model folder (radial soft output)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--depth", type=int, help="exit after this many layers (a fixed sub-model)")
-    which.add_argument("--threshold", type=float, help="exit at the first trained exit with max softmax >= threshold")
-    parser.add_argument("--out", required=True, type=Path, help="routed model folder to write (atomically)")
+    settings.add_setting(
+        which, "baselines.soft.exits", flag="--depth", nargs=None, default=None,
+        help="exit after this many layers (a fixed sub-model; one value of baselines.soft.exits)",
+    )
+    settings.add_setting(
+        which, "baselines.soft.thresholds", flag="--threshold", nargs=None, default=None,
+        help="exit at the first trained exit with max softmax >= threshold (one value of baselines.soft.thresholds)",
+    )
+    settings.add_path_argument(parser, "out", "routed model folder to write (atomically)")
     add_common_arguments(parser)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from radial import comparison, tracking
-from radial.utils import RadialError, add_common_arguments, atomic_path
+from radial import comparison, settings, tracking
+from radial.utils import RadialError, atomic_path
 
 TABLE_COLUMNS = [
     "variant",
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", type=Path, help="base model folder (radial_base.json, loss.png)")
     parser.add_argument("--mcts-stats", type=Path, help="the MCTS stage's stats.json (layers_saved.png beside it)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and table.csv go")
-    add_common_arguments(parser)
+    settings.add_common_arguments(parser)
 
 
 def load_evaluations(paths: list[str | Path]) -> list[dict]:

@@ -35,27 +35,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from radial import tracking, training
-from radial.baselines.common import write_variant_folder
-from radial.baselines.finetune import (
-    FinetuneBatches,
-    add_finetune_arguments,
-    load_for_finetuning,
-    run_fingerprint,
-    training_summary,
-)
+from radial import settings, tracking, training
+from radial.variant_folders import write_variant_folder
+from radial.corpus import FinetuneBatches
+from radial.finetuning import add_finetune_arguments, load_for_finetuning, training_summary
 from radial.layers import find_decoder_layers
-from radial.utils import RadialError, add_common_arguments
+from radial.settings import add_common_arguments
+from radial.utils import RadialError
 
 CALIBRATION_BATCHES = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_finetune_arguments(parser)
-    parser.add_argument(
-        "--capacity", type=float, required=True, help="share of (layer, token) pairs labelled skip (0 < capacity < 1)"
+    settings.add_setting(
+        parser, "baselines.dlo.capacity", type=float, nargs=None, default=None, required=True,
+        help="share of (layer, token) pairs labelled skip (0 < capacity < 1); one value of the config's sweep",
     )
-    parser.add_argument("--router-loss-weight", type=float, default=1.0, help="weight of the router BCE loss (default: 1)")
+    settings.add_setting(parser, "baselines.dlo.router_loss_weight")
     parser.add_argument(
         "--init-bias", type=float, default=1.0, help="initial router logit (>0: every token runs every layer at first)"
     )
@@ -170,8 +167,6 @@ def main(args: argparse.Namespace) -> int:
 
     from radial.routing import GateTokenRouter, RoutedForCausalLM, RouterBudget
 
-    if not 0 < args.capacity < 1:
-        raise RadialError(f"--capacity must be between 0 and 1 (a share of layer-token pairs), got {args.capacity}")
     cfg = training.start_stage(args)
     base, tokenizer = load_for_finetuning(args.model)
     num_layers = len(find_decoder_layers(base))
@@ -191,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
             checkpoint_dir,
             run=run,
             desc="dlo",
-            fingerprint=run_fingerprint(args, "capacity", "router_loss_weight", "init_bias"),
+            fingerprint=training.run_fingerprint(args, "capacity", "router_loss_weight", "init_bias"),
         )
         traffic.remove()
         state = training.gathered_state_dict(result.engine)
