@@ -25,6 +25,17 @@ _TOKENIZER_TEXTS = [
 ] * 20
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded, and never stall on a busy shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tokenizer():
     from radial.tokenizer import train_tokenizer
 

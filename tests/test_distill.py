@@ -62,7 +62,10 @@ def test_straight_through_gates_route_hard_and_reach_the_router():
     student.train()
     with student.straight_through_token_gates() as gates:
         soft = student(ids, attention_mask=mask, use_cache=False).logits
-    assert torch.equal(soft, hard)  # the trainable forward is exactly the inference routing
+    # The trainable forward (reference execution) routes exactly as inference (sparse execution):
+    # equal up to float summation order at the real positions (padding is never run sparsely).
+    assert student.token_execution == "sparse"
+    torch.testing.assert_close(soft[mask.bool()], hard[mask.bool()], atol=1e-5, rtol=1e-5)
     assert len(gates) == NUM_LAYERS
     stacked = torch.stack(gates)
     assert set(stacked.unique().tolist()) == {0.0, 1.0}  # values are the hard decisions

@@ -32,13 +32,7 @@ PAD = 2
 MIXED_PATHS = [[0, 1, 3], [0, 0, 1, 2, 2, 3], [2, 0, 1], [1, 1], []]  # skips, repeats, non-monotone, empty
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded, and never stall on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=ARCHS)

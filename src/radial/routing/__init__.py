@@ -6,6 +6,8 @@
     routed(input_ids, attention_mask=mask).logits
     routed.generate(input_ids, attention_mask=mask, max_new_tokens=20, paths=[[0, 1], [0, 2, 2]])
     routed.set_router(DrLLMRouter(num_layers, hidden_size), RouterBudget(skip_bias=0.5))
+    routed.set_router(GateTokenRouter(num_layers, hidden_size), token_skip="mlp")   # token-level, sparse
+    routed.token_execution                 # "sparse", or "reference (reason: ...)"
     routed.save_pretrained(out_dir)        # routing config + router weights + base reference
     RoutedForCausalLM.from_pretrained(out_dir)   # or AutoModelForCausalLM.from_pretrained(out_dir)
 
@@ -40,6 +42,7 @@ from radial.routing.routers import (
     DrLLMRouter,
     FunctionRouter,
     GateTokenRouter,
+    RandomTokenRouter,
     Router,
     RouterBudget,
     TokenRouter,
@@ -48,6 +51,7 @@ from radial.routing.routers import (
     router_spec,
     windowed_mean_pool,
 )
+from radial.routing.sparse import TOKEN_SKIPS, SparseFallbackWarning
 
 AutoConfig.register(RoutedConfig.model_type, RoutedConfig, exist_ok=True)
 AutoModelForCausalLM.register(RoutedConfig, RoutedForCausalLM, exist_ok=True)
@@ -56,15 +60,18 @@ __all__ = [
     "EXECUTE",
     "REPEAT",
     "SKIP",
+    "TOKEN_SKIPS",
     "ConfidenceExitRouter",
     "DrLLMRouter",
     "FunctionRouter",
     "GateTokenRouter",
+    "RandomTokenRouter",
     "RoutedCache",
     "RoutedConfig",
     "RoutedForCausalLM",
     "Router",
     "RouterBudget",
+    "SparseFallbackWarning",
     "Step",
     "TokenRouter",
     "attention_masks",

@@ -11,7 +11,12 @@ Routing modes (config.routing_mode):
 - "dense": every layer once (the base model);
 - "static": fixed path(s), one for all examples or one per example (MCTS, baselines);
 - "router": a `Router` decides each example's path during prefill, layer by layer;
-- "token": a `TokenRouter` decides per token per layer (reference implementation).
+- "token": a `TokenRouter` decides per token per layer whether the token runs the layer
+  (config.token_skip "layer") or only its MLP ("mlp"). At inference only the running tokens are
+  computed, as one packed set (radial.routing.sparse); `token_execution` says whether every layer
+  runs that way. Straight-through gate training, `token_execution_mode("reference")`, forward hooks
+  on decoder layers and layers the sparse driver cannot decompose run the reference instead:
+  every token computed, then selected.
 A `paths=` argument to forward/generate overrides the mode for that call.
 
 Once prefill has decided the paths they stay fixed: with a cache the schedule lives in the
@@ -48,9 +53,22 @@ from radial.layers import find_decoder_layers
 from radial.routing.cache import RoutedCache, SlotView, layer_types_of
 from radial.routing.paths import Step, dense_path, paths_from_steps, schedule, validate_path
 from radial.routing.routers import Router, RouterBudget, TokenRouter, build_router, router_spec
+from radial.routing.sparse import (
+    TOKEN_SKIPS,
+    TokenBatch,
+    attention_residual,
+    decomposition_problem,
+    describe_token_execution,
+    mlp_residual,
+    run_layer_on_tokens,
+    run_mlp_on_tokens,
+    warn_fallback,
+    write_keys_values,
+)
 from radial.utils import RadialError
 
 ROUTING_MODES = ("dense", "static", "router", "token")
+TOKEN_EXECUTIONS = ("sparse", "reference")
 ROUTER_WEIGHTS = "router.safetensors"
 # Architectures whose model forward we have checked the generic driver against (tests cover
 # llama, qwen2, mistral). Others are checked numerically against the base when wrapped.
@@ -74,6 +92,12 @@ class RoutedConfig(PreTrainedConfig):
     static_paths: for "static": one path for every example, or one per example.
     router: for "router"/"token": {"class": name, "kwargs": {...}}; weights in router.safetensors.
     budget: RouterBudget fields (skip_bias, repeat_bias, max_layers).
+    token_skip: for "token": what a token the router skips leaves out, "layer" (the whole layer
+        but its keys and values) or "mlp" (the MLP branch only; attention runs for every token).
+    token_score_gap: for "token": > 0 scales what a running token's layer (or MLP) adds by
+        1 + (sigmoid(routing logit) - 0.5) * gap, the logit being the router's minus the budget's
+        skip_bias (> 0 runs), so a language-model loss reaches the router through its score (DLO's
+        rescaling, scale_gap 0.05 there); 0 adds it unscaled.
     """
 
     model_type = "radial_routed"
@@ -86,6 +110,8 @@ class RoutedConfig(PreTrainedConfig):
     static_paths: list | None = None
     router: dict | None = None
     budget: dict | None = None
+    token_skip: str = "layer"
+    token_score_gap: float = 0.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         # PreTrainedConfig sets attn/experts implementation recursively on sub-configs; when we
@@ -202,6 +228,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             self.generation_config = copy.deepcopy(base_model.generation_config)
         self._generate_memo: dict[str, Any] | None = None
         self.token_gates: list[torch.Tensor] | None = None  # filled inside straight_through_token_gates()
+        self.token_execution_preference = "sparse"  # see token_execution_mode()
+        self._token_checks: dict[tuple, list[str | None]] = {}
+        self._warned_fallbacks: set[str] = set()
         self.reset_layer_counter()
         self.post_init()
 
@@ -230,11 +259,14 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         paths: Any = None,
         router: nn.Module | None = None,
         budget: RouterBudget | dict | None = None,
+        token_skip: str = "layer",
+        token_score_gap: float = 0.0,
         **load_kwargs: Any,
     ) -> "RoutedForCausalLM":
         """Wrap a loaded model (or load one from a folder / hub id) with the given routing.
 
         mode defaults to "static" when paths are given, "router"/"token" for a router, else "dense".
+        token_skip ("layer" or "mlp") is what a token skips in token mode.
         """
         if isinstance(base, (str, os.PathLike)):
             reference = str(base)
@@ -254,6 +286,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             static_paths=[list(p) for p in _as_path_list(paths, num_layers)] if paths is not None else None,
             router=router_spec(router) if router is not None and _is_registered(router) else None,
             budget=budget,
+            token_skip=token_skip,
+            token_score_gap=token_score_gap,
         )
         routed = cls(config, base_model=base, router=router)
         routed.train(base.training)
@@ -271,6 +305,13 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             raise RadialError("routing_mode 'token' needs a TokenRouter")
         if self.router is not None and getattr(self.router, "num_layers", self.num_layers) != self.num_layers:
             raise RadialError(f"router has {self.router.num_layers} layers, the base model {self.num_layers}")
+        if self.config.token_skip not in TOKEN_SKIPS:
+            raise RadialError(f"token_skip must be one of {', '.join(TOKEN_SKIPS)}, got {self.config.token_skip!r}")
+        if mode == "token" and self.config.token_skip == "mlp":
+            for index, layer in enumerate(self.parts.layers):
+                problem = decomposition_problem(layer, "mlp")
+                if problem is not None:  # even the reference needs the MLP branch on its own
+                    raise RadialError(f"token_skip 'mlp' cannot split decoder layer {index}: {problem}")
 
     @torch.no_grad()
     def check_equivalence(self, atol: float = 1e-4) -> None:
@@ -300,7 +341,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.static_paths = [list(p) for p in self.static_paths]
         self.config.routing_mode = "static"
 
-    def set_router(self, router: nn.Module, budget: RouterBudget | None = None) -> None:
+    def set_router(self, router: nn.Module, budget: RouterBudget | None = None, token_skip: str | None = None) -> None:
         """Router-decided (Router) or token-level (TokenRouter) routing."""
         self.router = router
         self._bind_router()
@@ -308,6 +349,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.router = router_spec(router) if _is_registered(router) else None
         if budget is not None:
             self.set_budget(budget)
+        if token_skip is not None:
+            self.config.token_skip = token_skip
         self._check_mode()
 
     def _bind_router(self) -> None:
@@ -348,6 +391,121 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             self.token_gates = None
 
+    @contextmanager
+    def token_execution_mode(self, execution: str) -> Iterator[None]:
+        """Token mode runs "sparse" (the default: only running tokens are computed) or "reference"
+        (every token computed, then selected: the oracle tests compare against) inside."""
+        if execution not in TOKEN_EXECUTIONS:
+            raise RadialError(f"token execution must be one of {', '.join(TOKEN_EXECUTIONS)}, got {execution!r}")
+        saved = self.token_execution_preference
+        self.token_execution_preference = execution
+        try:
+            yield
+        finally:
+            self.token_execution_preference = saved
+
+    @property
+    def token_execution(self) -> str:
+        """How token mode runs at inference: "sparse", or "reference (reason: ...)" (evaluations record it).
+
+        Straight-through gate training always runs the reference, whatever this says: its gradient
+        needs every token's layer output.
+        """
+        if self.token_execution_preference == "reference":
+            return "reference (reason: requested with token_execution_mode('reference'))"
+        hooked = self._hooked_layers()
+        if hooked is not None:
+            return f"reference (reason: {hooked})"
+        return describe_token_execution(self._token_fallback_reasons())
+
+    def _hooked_layers(self) -> str | None:
+        """With token_skip "layer", forward hooks on decoder layers expect every token's layer output."""
+        if self.config.token_skip != "layer":
+            return None
+        hooked = [index for index, layer in enumerate(self.parts.layers) if layer._forward_hooks]
+        if not hooked:
+            return None
+        return f"forward hooks on decoder layers {', '.join(map(str, hooked))} observe every token's layer output"
+
+    def _sparse_token_reasons(self) -> list[str | None] | None:
+        """Per layer of this token-mode forward: None where it runs sparsely, else why not; None for all reference."""
+        if self.token_gates is not None or self.token_execution_preference == "reference":
+            return None
+        hooked = self._hooked_layers()
+        if hooked is not None:
+            self._warn_fallback_once(f"reference (reason: {hooked})")
+            return None
+        return self._token_fallback_reasons()
+
+    def _token_fallback_reasons(self) -> list[str | None]:
+        """Per layer, why the sparse driver cannot run it (None: it can); checked once per setting."""
+        key = (self.config.token_skip, self.text_config._attn_implementation)
+        if key not in self._token_checks:
+            reasons = [self._sparse_layer_problem(index) for index in range(self.num_layers)]
+            self._token_checks[key] = reasons
+            self._warn_fallback_once(describe_token_execution(reasons))
+        return self._token_checks[key]
+
+    def _warn_fallback_once(self, description: str) -> None:
+        if description != "sparse" and description not in self._warned_fallbacks:
+            self._warned_fallbacks.add(description)
+            warn_fallback(description)
+
+    def _sparse_layer_problem(self, index: int) -> str | None:
+        skip = self.config.token_skip
+        problem = decomposition_problem(self.parts.layers[index], skip)
+        if problem is None:
+            problem = self._probe_sparse_layer(index)
+        if problem is not None and skip == "mlp":
+            raise RadialError(f"token_skip 'mlp' cannot split decoder layer {index}: {problem}")
+        return problem
+
+    @torch.no_grad()
+    def _probe_sparse_layer(self, index: int, seq: int = 6) -> str | None:
+        """Run the sparse driver on a few random tokens against the stock layer; a mismatch, described, or None.
+
+        Two rows with different running tokens (so the packed queries need padding), keys and values
+        included: the parts the driver found must compose into exactly the layer's own forward.
+        """
+        layer, layer_type, skip = self.parts.layers[index], self.layer_types[index], self.config.token_skip
+        weight = next(layer.parameters())
+        generator = torch.Generator().manual_seed(index)
+        hidden = torch.randn(2, seq, self.text_config.hidden_size, generator=generator)
+        hidden = hidden.to(device=weight.device, dtype=weight.dtype)
+        position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        position_embeddings = self.parts.rotary_emb(hidden, position_ids=position_ids)
+        masks = attention_masks(self.text_config, {layer_type}, hidden, None, None, position_ids, materialize=True)
+        steps = torch.arange(seq, device=hidden.device)
+        run = torch.stack([steps % 3 != 1, steps % 4 == 1])
+        stock_cache, sparse_cache = _KeyValueRecorder(), _KeyValueRecorder()
+        common = dict(position_ids=position_ids, position_embeddings=position_embeddings, use_cache=True)
+        was_training = layer.training
+        layer.eval()
+        try:
+            # layer.forward, not layer(...): hooks that count layer calls should not count the probe.
+            mask = masks[layer_type]
+            full = call_decoder_layer(layer.forward, hidden, mask=mask, past_key_values=stock_cache, **common)
+            if skip == "layer":
+                batch = TokenBatch(hidden, None, masks, position_embeddings)
+                got = run_layer_on_tokens(layer, hidden, batch.running(run), batch, layer_type, sparse_cache)
+                expected = torch.where(run.unsqueeze(-1), full, hidden)
+            else:
+                mid = attention_residual(layer, hidden, mask=mask, past_key_values=sparse_cache, **common)
+                got, expected = mlp_residual(layer, mid), full
+        except Exception as error:  # noqa: BLE001 - any failure means: not decomposable this way
+            return f"the sparse driver failed on it ({type(error).__name__}: {error})"
+        finally:
+            layer.train(was_training)
+        tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
+        if len(stock_cache.stored) != 2 or len(sparse_cache.stored) != 2:
+            return f"its cache writes differ from the stock {type(layer).__name__} forward"
+        compared = {"outputs": (got, expected), "keys": (sparse_cache.stored[0], stock_cache.stored[0])}
+        compared["values"] = (sparse_cache.stored[1], stock_cache.stored[1])
+        for name, (a, b) in compared.items():
+            if a.shape != b.shape or (a - b).abs().max() > tolerance * b.abs().max().clamp(min=1):
+                return f"its {name} differ from the stock {type(layer).__name__} forward"
+        return None
+
     # ----------------------------------------------------------------- layer counting
     def reset_layer_counter(self) -> None:
         self._executed_layers_sum = 0.0
@@ -358,7 +516,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
 
         Every forward counts each batch row once: a prefill (or an lm-eval loglikelihood call) and
         each decoding step alike, so a dense model gives exactly L. A repeated layer counts twice.
-        In token mode an example's count is the mean over its tokens of layers executed.
+        In token mode an example's count is the mean over its real tokens of layers executed (of
+        MLPs executed, with token_skip "mlp").
         """
         if self._example_forwards == 0:
             return float("nan")
@@ -407,29 +566,33 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             past_seen = cache.seen_tokens if cache is not None else 0
             position_ids = torch.arange(past_seen, past_seen + seq_len, device=hidden.device).unsqueeze(0)
+        token_router = self.router if self.config.routing_mode == "token" and paths is None else None
+        sparse_reasons = self._sparse_token_reasons() if token_router is not None else None
+        # Packed queries gather rows of the mask, so it must exist even where sdpa would infer it.
+        packed_queries = self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons
         layer_inputs = _LayerInputs(
             position_embeddings=self.parts.rotary_emb(hidden, position_ids=position_ids),
             position_ids=position_ids,
-            masks=self._masks(hidden, attention_mask, cache, position_ids),
+            masks=self._masks(hidden, attention_mask, cache, position_ids, materialize=packed_queries),
             layer_types=self.layer_types,
             use_cache=cache is not None,
             kwargs=kwargs,
         )
 
-        token_router = self.router if self.config.routing_mode == "token" and paths is None else None
-        if cache is not None and cache.decided:
+        if token_router is not None:
+            decided = cache is not None and cache.decided
+            steps = cache.steps if decided else _cached_schedule((dense_path(self.num_layers),) * batch_size)
+            hidden = self._run_tokens(hidden, steps, layer_inputs, cache, token_router, attention_mask, sparse_reasons)
+        elif cache is not None and cache.decided:
             steps = cache.steps
-            hidden = self._run_fixed(hidden, steps, layer_inputs, cache, token_router, attention_mask)
-        elif token_router is not None:
-            steps = _cached_schedule((dense_path(self.num_layers),) * batch_size)
-            hidden = self._run_fixed(hidden, steps, layer_inputs, cache, token_router, attention_mask)
+            hidden = self._run_fixed(hidden, steps, layer_inputs, cache)
         else:
             fixed = self._fixed_paths(paths, batch_size)
             if fixed is None:
                 hidden, steps = self._run_router(hidden, layer_inputs, cache, attention_mask)
             else:
                 steps = _cached_schedule(tuple(fixed))
-                hidden = self._run_fixed(hidden, steps, layer_inputs, cache, None, attention_mask)
+                hidden = self._run_fixed(hidden, steps, layer_inputs, cache)
         if self._generate_memo is not None and "paths" not in self._generate_memo and token_router is None:
             self._generate_memo["paths"] = paths_from_steps(steps, batch_size)
         if token_router is None:
@@ -459,12 +622,14 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             return RoutedCache(self.text_config, batch_size, self._cache_layout)
         return RoutedCache(self.text_config, batch_size, self._cache_layout) if use_cache else None
 
-    def _masks(self, hidden, attention_mask, cache, position_ids) -> dict[str, Any]:
+    def _masks(self, hidden, attention_mask, cache, position_ids, materialize: bool = False) -> dict[str, Any]:
         """One mask per attention type, built before any layer writes into the cache."""
         needed = set(self.layer_types)
         if cache is not None and cache.decided:
             needed = {self.layer_types[step.layer] for step in cache.steps} or {self.layer_types[0]}
-        return attention_masks(self.text_config, needed, hidden, attention_mask, cache, position_ids)
+        return attention_masks(
+            self.text_config, needed, hidden, attention_mask, cache, position_ids, materialize=materialize
+        )
 
     def _fixed_paths(self, paths: Any, batch_size: int) -> list[tuple[int, ...]] | None:
         """The per-example paths of this forward, or None when the router is to decide them."""
@@ -486,9 +651,17 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _call_layer(self, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view: SlotView | None):
         """Run one stock decoder layer on the step's rows, called as the model's own forward calls it."""
+        return self._on_step_rows(call_decoder_layer, step, hidden, inputs, view)
+
+    def _attention_residual(self, step, hidden, inputs, view) -> torch.Tensor:
+        """The step's layer up to its attention residual (token_skip "mlp": every token runs this part)."""
+        return self._on_step_rows(attention_residual, step, hidden, inputs, view)
+
+    def _on_step_rows(self, function, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view) -> torch.Tensor:
+        """`function(layer, hidden, ...)` on the rows of the examples that run the step; other rows unchanged."""
         mask, position_ids, position_embeddings = inputs.for_rows(step)
         rows_hidden = hidden if step.rows is None else hidden.index_select(0, step.rows)
-        out = call_decoder_layer(
+        out = function(
             self.parts.layers[step.layer],
             rows_hidden,
             mask=mask,
@@ -500,32 +673,95 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         )
         return out if step.rows is None else hidden.index_copy(0, step.rows, out)
 
-    def _run_fixed(self, hidden, steps, inputs, cache, token_router, attention_mask) -> torch.Tensor:
+    def _run_fixed(self, hidden, steps, inputs, cache) -> torch.Tensor:
         """Run a known schedule: static paths, or the paths a cache fixed at prefill."""
-        adding = cache is not None and not cache.decided
+        for index, step in enumerate(steps):
+            hidden = self._call_layer(step, hidden, inputs, self._step_view(cache, index, step.to(hidden.device)))
+        return hidden
+
+    @staticmethod
+    def _step_view(cache: RoutedCache | None, index: int, step: Step) -> SlotView | None:
+        """The cache slot step `index` writes into (added while prefill builds the schedule)."""
+        if cache is None:
+            return None
+        return cache.view(index) if cache.decided else cache.add_step(step)
+
+    def _run_tokens(self, hidden, steps, inputs, cache, token_router, attention_mask, sparse_reasons) -> torch.Tensor:
+        """Token mode: before each layer the router picks the tokens that run it (or its MLP).
+
+        sparse_reasons[layer] is None where the layer runs sparsely (only running tokens computed);
+        elsewhere, or for all layers when sparse_reasons is None, the reference computes every token
+        and selects.
+        """
+        batch = None
+        if sparse_reasons is not None and all(step.rows is None for step in steps):
+            batch = TokenBatch(hidden, attention_mask, inputs.masks, inputs.position_embeddings)
         executed_tokens = None
         for index, step in enumerate(steps):
-            step.to(hidden.device)
-            view = None if cache is None else cache.add_step(step) if adding else cache.view(index)
-            if token_router is None:
-                hidden = self._call_layer(step, hidden, inputs, view)
-                continue
-            logits = token_router(step.layer, hidden, attention_mask) - self.budget.skip_bias
+            view = self._step_view(cache, index, step.to(hidden.device))
+            logits = token_router(step.layer, hidden, attention_mask)
+            if self.budget.skip_bias:
+                logits = logits - self.budget.skip_bias
             run = logits > 0
-            layer_out = self._call_layer(step, hidden, inputs, view)
-            routed_hidden = torch.where(run.unsqueeze(-1), layer_out, hidden)
-            if self.token_gates is not None:
-                # Straight-through: the value is exactly the hard routing above, the gradient reaches
-                # the router through sigmoid(logits) as if the token ran the layer that much.
-                soft = torch.sigmoid(logits.float())
-                through = (soft - soft.detach()).to(hidden.dtype).unsqueeze(-1)
-                routed_hidden = routed_hidden + through * (layer_out - hidden)
-                self.token_gates.append(run.float() + (soft - soft.detach()))
-            hidden = routed_hidden
-            executed_tokens = run.float() if executed_tokens is None else executed_tokens + run.float()
-        if token_router is not None:
-            self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
+            scale = self._output_scale(logits)
+            if batch is not None and sparse_reasons[step.layer] is None:
+                hidden = self._sparse_token_step(step, hidden, inputs, view, run, batch, scale)
+            else:
+                hidden = self._reference_token_step(step, hidden, inputs, view, logits, run, scale)
+            executed_tokens = run.float() if executed_tokens is None else executed_tokens.add_(run)
+        self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
         return hidden
+
+    def _output_scale(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """DLO's score on what a running token's layer (or MLP) adds; None without token_score_gap."""
+        gap = self.config.token_score_gap
+        if not gap:
+            return None
+        return (1.0 + (torch.sigmoid(logits.float()) - 0.5) * gap).unsqueeze(-1)
+
+    @staticmethod
+    def _scaled(skipped: torch.Tensor, computed: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """skipped + scale * (computed - skipped): what the running tokens add, scaled by their score."""
+        if scale is None:
+            return computed
+        return skipped + (scale * (computed - skipped).float()).to(computed.dtype)
+
+    def _sparse_token_step(self, step, hidden, inputs, view, run, batch: TokenBatch, scale=None) -> torch.Tensor:
+        """One layer computed for the running real tokens only (see radial.routing.sparse)."""
+        layer = self.parts.layers[step.layer]
+        running = batch.running(run)
+        if self.config.token_skip == "mlp":
+            mid = self._attention_residual(step, hidden, inputs, view)
+            if running.width == 0:
+                return mid
+            out = mlp_residual(layer, mid) if running.every_token else run_mlp_on_tokens(layer, mid, running)
+            return self._scaled(mid, out, scale)
+        if running.width == 0:  # only the keys and values later tokens attend to (none without a cache)
+            if view is not None:
+                write_keys_values(layer, layer.input_layernorm(hidden), batch, view)
+            return hidden
+        if running.every_token:
+            return self._scaled(hidden, self._call_layer(step, hidden, inputs, view), scale)
+        out = run_layer_on_tokens(layer, hidden, running, batch, self.layer_types[step.layer], view, **inputs.kwargs)
+        return self._scaled(hidden, out, scale)
+
+    def _reference_token_step(self, step, hidden, inputs, view, logits, run, scale=None) -> torch.Tensor:
+        """One layer (or MLP) computed for every token, then each token keeps its routed result."""
+        if self.config.token_skip == "mlp":
+            skipped = self._attention_residual(step, hidden, inputs, view)
+            computed = mlp_residual(self.parts.layers[step.layer], skipped)
+        else:
+            skipped, computed = hidden, self._call_layer(step, hidden, inputs, view)
+        computed = self._scaled(skipped, computed, scale)
+        routed_hidden = torch.where(run.unsqueeze(-1), computed, skipped)
+        if self.token_gates is not None:
+            # Straight-through: the value is exactly the hard routing above, the gradient reaches
+            # the router through sigmoid(logits) as if the token ran the layer that much.
+            soft = torch.sigmoid(logits.float())
+            through = (soft - soft.detach()).to(hidden.dtype).unsqueeze(-1)
+            routed_hidden = routed_hidden + through * (computed - skipped)
+            self.token_gates.append(run.float() + (soft - soft.detach()))
+        return routed_hidden
 
     def _run_router(self, hidden, inputs, cache, attention_mask) -> tuple[torch.Tensor, list[Step]]:
         """Prefill with an example-level router: decide layer i from the hidden state entering it."""
@@ -637,13 +873,16 @@ def attention_masks(
     attention_mask: torch.Tensor | None,
     past_key_values: Any,
     position_ids: torch.Tensor,
+    *,
+    materialize: bool = False,
 ) -> dict[str, Any]:
     """One attention mask per attention type in `layer_types`, built as the model's own forward builds them.
 
     `past_key_values` is whatever tells the mask functions how many tokens precede `hidden`
     (a Cache, or any object answering `get_query_offset` and `get_mask_sizes` like one); None
-    when nothing does.
+    when nothing does. `materialize` builds a 4-D mask even where sdpa would rely on is_causal.
     """
+    extra = {"allow_is_causal_skip": False} if materialize else {}
     return {
         layer_type: _MASK_FUNCTIONS[layer_type](
             config=config,
@@ -651,6 +890,7 @@ def attention_masks(
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             position_ids=position_ids,
+            **extra,
         )
         for layer_type in set(layer_types)
     }
@@ -684,6 +924,17 @@ def call_decoder_layer(
     if isinstance(out, tuple):  # older transformers returned (hidden, ...)
         out = out[0]
     return out
+
+
+class _KeyValueRecorder:
+    """A stand-in cache that keeps what one layer call writes (the sparse probe compares them)."""
+
+    def __init__(self) -> None:
+        self.stored: tuple[torch.Tensor, ...] = ()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.stored = (key_states, value_states)
+        return key_states, value_states
 
 
 def _resolve_base(config: RoutedConfig, folder: Path) -> str:

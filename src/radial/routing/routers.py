@@ -11,9 +11,9 @@ returns, per layer, one logit per token: > 0 runs the layer for that token, <= 0
 hidden state pass through unchanged. Skipped tokens still get keys and values at that layer,
 computed by the layer's attention projections from the hidden state the token carries into the
 layer (FlexiDepth's choice); later tokens attend to them as usual and the cache keeps one entry per
-token per layer, so cached decoding equals uncached decoding. The reference implementation runs
-the layer on every token and selects, which is exact but saves no compute; a fast kernel would
-compute only the K/V projections for skipped tokens.
+token per layer, so cached decoding equals uncached decoding. At inference the routed model
+computes the rest of the layer for the running tokens only (radial.routing.sparse); the reference
+implementation, which runs the layer on every token and selects, remains for training and tests.
 
 Router classes register by name (`register_router`) so saved routers rebuild from their config.
 """
@@ -211,6 +211,46 @@ class GateTokenRouter(TokenRouter):
         return gate(hidden_states.to(gate.weight.dtype)).squeeze(-1)
 
 
+@register_router
+class RandomTokenRouter(TokenRouter):
+    """Runs each (layer, token) with probability `fraction`, at random but reproducibly (tests, benchmarks).
+
+    The draw depends only on the layer and the token's position among its example's real tokens
+    (read from the attention mask), never on hidden states, so decisions are the same with and
+    without a cache, batched or alone. Without an attention mask the positions are those of the
+    input itself, so decode with a cache only with a mask (generate always passes one).
+    """
+
+    def __init__(self, num_layers: int, fraction: float = 0.5, seed: int = 0, max_positions: int = 4096) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.fraction = fraction
+        self.seed = seed
+        self.max_positions = max_positions
+        draws = torch.rand(num_layers, max_positions, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("draws", draws, persistent=False)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.num_layers,
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "max_positions": self.max_positions,
+        }
+
+    def forward(
+        self, layer_idx: int, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, seq = hidden_states.shape[:2]
+        device = self.draws.device
+        if attention_mask is None:
+            positions = torch.arange(seq, device=device).expand(batch, seq)
+        else:
+            positions = (attention_mask.to(device).long().cumsum(-1) - 1)[:, -seq:].clamp(min=0)
+        draws = self.draws[layer_idx][positions % self.max_positions]
+        return (self.fraction - draws).to(hidden_states.device)
+
+
 class FunctionRouter(Router):
     """Wrap a plain function `(layer_idx, hidden, mask) -> logits [batch, 3]` (tests, quick experiments).
 
@@ -230,6 +270,7 @@ __all__ = [
     "DrLLMRouter",
     "FunctionRouter",
     "GateTokenRouter",
+    "RandomTokenRouter",
     "Router",
     "RouterBudget",
     "TokenRouter",

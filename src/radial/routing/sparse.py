@@ -1,0 +1,337 @@
+"""Sparse token-level routing: a decoder layer computes only the tokens that run it.
+
+In token mode a router decides, per layer and per token, whether the token runs the whole layer
+(`token_skip="layer"`) or only the layer's MLP branch (`token_skip="mlp"`, DLO's default). The
+routed model drives the stock submodules of a Llama-style pre-norm decoder layer,
+
+    mid = hidden + o_proj(attention(q_proj, k_proj, v_proj of input_layernorm(hidden)))
+    out = mid + mlp(post_attention_layernorm(mid)),
+
+so that what a token skips is not computed:
+
+- skip="layer": every token gets this layer's keys and values (input_layernorm, k_proj / k_norm,
+  v_proj, rotary from the model's cos / sin and its modeling module's rotate_half), written through the cache view the stock attention writes through, so later
+  tokens attend to skipped ones and cached decoding equals uncached. Only the running tokens,
+  gathered from batch x sequence into one packed set, pay the query projection, attention, output
+  projection and MLP; the results are scattered back. For attention the packed queries are laid out
+  per example (padded to the largest running count) against all keys, each with its own row of the
+  model's 4-D mask. Without a cache, a layer no token runs computes nothing at all.
+- skip="mlp": the stock attention module runs for every token; the post-attention norm and the MLP
+  only for the gathered running tokens.
+
+Padding never runs. `decomposition_problem` says which layers this cannot drive; the routed model
+also checks once, on a few random tokens, that the parts compose into the stock layer's forward
+(outputs, keys and values). Where either fails it runs the reference, every token computed then
+selected, and says so (RoutedForCausalLM.token_execution, a SparseFallbackWarning).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from radial.utils import RadialError
+
+TOKEN_SKIPS = ("layer", "mlp")
+# Implementations that take a dense [batch, 1, queries, keys] mask, so that packed queries can bring
+# their own mask rows (flash and flex kernels assume a contiguous causal block of queries).
+DENSE_MASK_ATTENTION = ("eager", "sdpa")
+LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+OPTIONAL_ATTENTION_PARTS = ("q_norm", "k_norm")  # per-head norms before rotary (Qwen3)
+# A packed set of 2 to 7 tokens (typical of batched decoding) is padded to this many rows: BLAS
+# runs a handful of rows slower than 8 (MKL here: 3 rows through a 768x2048 projection whose
+# weights come from memory take 1.6x the time of 8 rows). One row is a fast matrix-vector product.
+MIN_PACKED_ROWS = 8
+
+
+class SparseFallbackWarning(UserWarning):
+    """Token routing computes some layers for every token and selects, instead of sparsely."""
+
+
+def decomposition_problem(layer: nn.Module, skip: str) -> str | None:
+    """Why `layer` cannot be driven from its parts for this granularity, or None when it can."""
+    name = type(layer).__name__
+    children = dict(layer.named_children())
+    missing = [part for part in LAYER_PARTS if part not in children]
+    if missing:
+        return f"{name} has no {', '.join(missing)}"
+    unknown = sorted(set(children) - set(LAYER_PARTS)) + [p for p, _ in layer.named_parameters(recurse=False)]
+    if unknown:
+        return f"{name} has parts outside the pre-norm decomposition: {', '.join(unknown)}"
+    if skip == "mlp":
+        return None  # the stock attention module runs whole
+    attention = children["self_attn"]
+    name = type(attention).__name__
+    parts = dict(attention.named_children())
+    missing = [part for part in ATTENTION_PARTS if part not in parts]
+    missing += [attr for attr in ("head_dim", "scaling", "layer_idx", "config") if not hasattr(attention, attr)]
+    if missing:
+        return f"{name} has no {', '.join(missing)}"
+    unknown = sorted(set(parts) - set(ATTENTION_PARTS) - set(OPTIONAL_ATTENTION_PARTS))
+    unknown += [p for p, _ in attention.named_parameters(recurse=False)]
+    if unknown:
+        return f"{name} has parts the sparse driver does not know: {', '.join(unknown)}"
+    implementation = attention.config._attn_implementation or "eager"
+    if implementation not in DENSE_MASK_ATTENTION:
+        return f"attention implementation {implementation!r} takes no per-query dense mask"
+    module = sys.modules[type(attention).__module__]
+    needed = ["rotate_half"] + (["eager_attention_forward"] if implementation == "eager" else [])
+    missing = [function for function in needed if not callable(getattr(module, function, None))]
+    if missing:
+        return f"{module.__name__} has no {', '.join(missing)}"
+    return None
+
+
+def describe_token_execution(reasons: list[str | None]) -> str:
+    """"sparse", or which layers run the reference and why (reasons[i] is None where layer i is sparse)."""
+    by_reason: dict[str, list[int]] = {}
+    for layer, reason in enumerate(reasons):
+        if reason is not None:
+            by_reason.setdefault(reason, []).append(layer)
+    if not by_reason:
+        return "sparse"
+    text = "; ".join(
+        f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}: {reason}"
+        for reason, layers in by_reason.items()
+    )
+    if sum(map(len, by_reason.values())) == len(reasons):
+        return f"reference (reason: {text})"
+    return f"sparse except reference (reason: {text})"
+
+
+def warn_fallback(description: str) -> None:
+    warnings.warn(
+        f"token routing computes every token and selects, saving no compute: {description}",
+        SparseFallbackWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass
+class RunningTokens:
+    """The tokens that run one layer.
+
+    `tokens` index the flattened batch x sequence, row-major. The packed set computed is `rows`:
+    the tokens, then, for 2 to 7 tokens, repeats of the first up to MIN_PACKED_ROWS (their results
+    are dropped). For attention each example's running tokens fill the first slots of a
+    [batch, width] layout (`width` = the largest count): token i sits at slot `slots[i]`, or at
+    slot i when `slots` is None (every example runs `width` tokens). Packed row i reads its
+    attention output from slot `row_slots[i]` (None: slot i). Query slot j uses the mask row of
+    token `sources[j]` (an unused slot borrows a real token's). `every_token`: the whole batch
+    runs, padding-free.
+    """
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor | None
+    row_slots: torch.Tensor | None
+    sources: torch.Tensor
+    width: int
+    every_token: bool
+
+    @property
+    def count(self) -> int:
+        return self.tokens.numel()
+
+
+class TokenBatch:
+    """What the sparse layers of one forward share: which tokens are real, and the masks and rotary
+    tables flattened to one row per token (once per forward; each layer gathers its rows)."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        masks: dict[str, Any],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        self.batch_size, self.seq_len = batch, seq = hidden.shape[:2]
+        device = hidden.device
+        self.real = None if attention_mask is None else attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
+        if self.real is not None and bool(self.real.all()):
+            self.real = None  # no padding: spare every layer the `& real`
+        positions = torch.arange(seq, device=device)
+        if self.real is None:
+            last_real = torch.full((batch,), seq - 1, device=device)
+        else:
+            last_real = (self.real * (positions + 1)).argmax(-1)
+        # An unused query slot borrows the mask row of its example's last real token (never all-masked).
+        self.fallback_sources = torch.arange(batch, device=device) * seq + last_real
+        self.masks = masks
+        self.position_embeddings = position_embeddings
+        self._mask_rows: dict[str, torch.Tensor] = {}
+        self._rotary_rows: torch.Tensor | None = None
+
+    def running(self, run: torch.Tensor) -> RunningTokens:
+        """Gather indices for the real tokens among `run` [batch, seq] (True: the token runs the layer)."""
+        if self.real is not None:
+            run = run & self.real
+        batch, seq = self.batch_size, self.seq_len
+        tokens = run.reshape(-1).nonzero().squeeze(1)
+        count = tokens.numel()
+        width = count if batch == 1 else int(run.sum(1).max())
+        if count == batch * width:
+            slots, sources = None, tokens
+        else:
+            rank = run.cumsum(1).reshape(-1).index_select(0, tokens) - 1
+            slots = torch.div(tokens, seq, rounding_mode="floor") * width + rank
+            sources = self.fallback_sources.repeat_interleave(width).index_copy(0, slots, tokens)
+        rows, row_slots = tokens, slots
+        padding = MIN_PACKED_ROWS - count if 1 < count < MIN_PACKED_ROWS else 0
+        if padding:
+            rows = torch.cat([tokens, tokens[:1].expand(padding)])
+            row_slots = torch.arange(count, device=tokens.device) if slots is None else slots
+            row_slots = torch.cat([row_slots, row_slots[:1].expand(padding)])
+        return RunningTokens(tokens, rows, slots, row_slots, sources, width, count == batch * seq)
+
+    def mask_rows(self, layer_type: str) -> torch.Tensor:
+        """The layer type's 4-D mask as [batch * seq, keys]: row t is what token t may attend to."""
+        if layer_type not in self._mask_rows:
+            mask = self.masks[layer_type]
+            if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[1] != 1:
+                raise RadialError(f"sparse token routing needs a materialized [batch, 1, q, k] mask, got {mask!r:.80}")
+            mask = mask.expand(self.batch_size, 1, self.seq_len, mask.shape[-1])
+            self._mask_rows[layer_type] = mask.reshape(self.batch_size * self.seq_len, -1)
+        return self._mask_rows[layer_type]
+
+    def rotary_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the given flat tokens, [tokens, head_dim] each."""
+        if self._rotary_rows is None:  # cos and sin side by side, so that one gather serves both
+            cos, sin = (table.expand(self.batch_size, self.seq_len, -1) for table in self.position_embeddings)
+            self._rotary_rows = torch.stack([cos, sin], dim=2).reshape(self.batch_size * self.seq_len, 2, -1)
+        return self._rotary_rows.index_select(0, tokens).unbind(1)
+
+
+def write_keys_values(layer: nn.Module, normed: torch.Tensor, batch: TokenBatch, view: Any):
+    """This layer's keys and values for every token (from the normed hidden states they carry),
+    written through `view` as the stock attention writes them; returns all keys and values to attend to."""
+    attention = layer.self_attn
+    shape = (*normed.shape[:2], -1, attention.head_dim)
+    keys = attention.k_proj(normed).view(shape)
+    if hasattr(attention, "k_norm"):
+        keys = attention.k_norm(keys)
+    keys = _rotate(attention, keys.transpose(1, 2), *batch.position_embeddings)
+    values = attention.v_proj(normed).view(shape).transpose(1, 2)
+    if view is None:
+        return keys, values
+    return view.update(keys, values, attention.layer_idx)
+
+
+def run_layer_on_tokens(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    running: RunningTokens,
+    batch: TokenBatch,
+    layer_type: str,
+    view: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """skip="layer": every token writes its keys and values; only `running` tokens go through the rest."""
+    batch_size, seq, width = hidden.shape[0], hidden.shape[1], running.width
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    keys, values = write_keys_values(layer, normed, batch, view)
+
+    cos, sin = batch.rotary_rows(running.rows)
+    queries = attention.q_proj(normed.reshape(batch_size * seq, -1).index_select(0, running.rows))
+    queries = queries.view(queries.shape[0], -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):
+        queries = attention.q_norm(queries)
+    queries = _rotate(attention, queries, cos, sin)[: running.count]
+    if running.slots is not None:
+        padded = queries.new_zeros(batch_size * width, *queries.shape[1:])
+        queries = padded.index_copy(0, running.slots, queries)
+    queries = queries.view(batch_size, width, *queries.shape[1:]).transpose(1, 2)
+    mask = batch.mask_rows(layer_type).index_select(0, running.sources).view(batch_size, 1, width, -1)
+
+    attended, _ = _attention_function(attention)(
+        attention,
+        queries,
+        keys,
+        values,
+        mask,
+        dropout=attention.attention_dropout if attention.training else 0.0,
+        scaling=attention.scaling,
+        **kwargs,
+    )
+    attended = attended.reshape(batch_size * width, -1)
+    if running.row_slots is not None:
+        attended = attended.index_select(0, running.row_slots)
+    flat = hidden.reshape(batch_size * seq, -1)
+    mid = flat.index_select(0, running.rows) + attention.o_proj(attended)
+    return flat.index_copy(0, running.tokens, mlp_residual(layer, mid)[: running.count]).view_as(hidden)
+
+
+def attention_residual(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    mask: Any,
+    position_ids: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values: Any,
+    use_cache: bool,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The layer's first residual branch, the stock attention module run on every token."""
+    attended, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden),
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    return hidden + attended
+
+
+def mlp_residual(layer: nn.Module, mid: torch.Tensor) -> torch.Tensor:
+    """The layer's second residual branch."""
+    return mid + layer.mlp(layer.post_attention_layernorm(mid))
+
+
+def run_mlp_on_tokens(layer: nn.Module, mid: torch.Tensor, running: RunningTokens) -> torch.Tensor:
+    """skip="mlp": the MLP branch for the `running` tokens only (the others keep `mid`)."""
+    flat = mid.reshape(-1, mid.shape[-1])
+    updated = mlp_residual(layer, flat.index_select(0, running.rows))
+    return flat.index_copy(0, running.tokens, updated[: running.count]).view_as(mid)
+
+
+def _rotate(attention: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of one tensor whose heads are dim 1, from the model's cos / sin tables.
+
+    apply_rotary_pos_emb's formula with the modeling module's rotate_half, for one tensor (that
+    function rotates a query and a key together; here queries and keys cover different tokens).
+    """
+    rotate_half = sys.modules[type(attention).__module__].rotate_half
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
+
+
+def _attention_function(attention: nn.Module) -> Callable:
+    implementation = attention.config._attn_implementation or "eager"
+    eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+
+
+__all__ = [
+    "DENSE_MASK_ATTENTION",
+    "TOKEN_SKIPS",
+    "RunningTokens",
+    "SparseFallbackWarning",
+    "TokenBatch",
+    "attention_residual",
+    "decomposition_problem",
+    "describe_token_execution",
+    "mlp_residual",
+    "run_layer_on_tokens",
+    "run_mlp_on_tokens",
+    "write_keys_values",
+]

@@ -1,0 +1,433 @@
+"""Sparse token routing: a layer computes only the tokens its gate runs, and equals the reference.
+
+The reference (every token computed, then selected) is the oracle: logits, greedy generations
+with and without the cache, both granularities (skip="layer", skip="mlp"), left-padded batches.
+Forward hooks on the projections count the rows actually computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from radial.routing import (
+    GateTokenRouter,
+    RandomTokenRouter,
+    RoutedForCausalLM,
+    SparseFallbackWarning,
+    TokenRouter,
+)
+from radial.routing.sparse import MIN_PACKED_ROWS
+from radial.utils import RadialError
+
+ARCHS = ["llama", "qwen2", "mistral", "qwen3"]
+NUM_LAYERS = 4
+PAD = 2
+FRACTIONS = [0.0, 0.5, 1.0]
+SKIPS = ["layer", "mlp"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_base(arch: str):
+    if arch != "qwen3":
+        return make_tiny_model(arch, num_layers=NUM_LAYERS)
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def base(request):
+    return make_base(request.param)
+
+
+def token_routed(base, router=None, fraction=0.5, skip="layer"):
+    router = router if router is not None else RandomTokenRouter(NUM_LAYERS, fraction=fraction, seed=1)
+    return RoutedForCausalLM.from_base(copy.deepcopy(base), router=router, token_skip=skip)
+
+
+def left_padded(lengths=(10, 6, 8), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(3, 300, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+def reference_of(routed):
+    return routed.token_execution_mode("reference")
+
+
+class RowCounter:
+    """Forward hooks counting the rows (tokens) each kind of projection computes."""
+
+    def __init__(self, routed, parts=("q_proj", "k_proj", "o_proj", "mlp")):
+        self.rows = dict.fromkeys(parts, 0)
+        self.layer_calls = 0
+        self._handles = []
+        for layer in routed.parts.layers:
+            modules = {"mlp": layer.mlp, **{name: getattr(layer.self_attn, name) for name in parts if name != "mlp"}}
+            for name in parts:
+                self._handles.append(modules[name].register_forward_hook(self._count(name)))
+            self._handles.append(layer.register_forward_pre_hook(self._count_layer))
+
+    def _count(self, name):
+        def hook(module, args, output):
+            self.rows[name] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+
+        return hook
+
+    def _count_layer(self, module, args):
+        self.layer_calls += 1
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def running_per_layer(router, mask) -> list[int]:
+    """Real tokens a RandomTokenRouter runs at each layer on this batch (its draws ignore hidden states)."""
+    hidden = torch.zeros(*mask.shape, 1)
+    return [int(((router(layer, hidden, mask) > 0) & mask.bool()).sum()) for layer in range(NUM_LAYERS)]
+
+
+def packed_rows(count: int) -> int:
+    """Rows a packed set of `count` tokens is computed as (a few tokens are padded to MIN_PACKED_ROWS)."""
+    return MIN_PACKED_ROWS if 1 < count < MIN_PACKED_ROWS else count
+
+
+# ----------------------------------------------------------------------------- equal to the reference
+@pytest.mark.parametrize("skip", SKIPS)
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_sparse_logits_equal_the_reference(base, skip, fraction):
+    routed = token_routed(base, fraction=fraction, skip=skip)
+    ids, mask = left_padded()
+    real = mask.bool()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", SparseFallbackWarning)
+        sparse = routed(ids, attention_mask=mask).logits
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert routed.token_execution == "sparse"
+    assert (sparse - reference)[real].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_sparse_generation_equals_the_reference_with_and_without_cache(base, skip, fraction):
+    routed = token_routed(base, fraction=fraction, skip=skip)
+    ids, mask = left_padded(seed=1)
+    with torch.no_grad():
+        cached = greedy(routed, ids, mask, output_scores=True, return_dict_in_generate=True)
+        uncached = greedy(routed, ids, mask, use_cache=False)
+        with reference_of(routed):
+            reference = greedy(routed, ids, mask, output_scores=True, return_dict_in_generate=True)
+            reference_uncached = greedy(routed, ids, mask, use_cache=False)
+    assert torch.equal(cached.sequences, reference.sequences)
+    assert torch.equal(cached.sequences, uncached)
+    assert torch.equal(reference.sequences, reference_uncached)
+    for sparse_scores, reference_scores in zip(cached.scores, reference.scores):
+        assert (sparse_scores - reference_scores).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_hidden_state_gates_at_about_half_equal_the_reference(base, skip):
+    router = GateTokenRouter(NUM_LAYERS, base.config.hidden_size)
+    torch.manual_seed(3)
+    for gate in router.gates:
+        nn.init.normal_(gate.weight, std=1.0)
+        nn.init.zeros_(gate.bias)  # random hyperplanes through the origin: about half the tokens run
+    routed = token_routed(base, router=router, skip=skip)
+    ids, mask = left_padded((12, 7, 9, 12), seed=2)
+    with torch.no_grad():
+        routed.reset_layer_counter()
+        sparse = routed(ids, attention_mask=mask).logits
+        executed = routed.radial_executed_layers()
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert 0.2 * NUM_LAYERS < executed < 0.8 * NUM_LAYERS
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_a_few_running_tokens_padded_to_the_minimum_rows_equal_the_reference():
+    routed = token_routed(make_base("qwen2"), fraction=0.5)
+    ids, mask = left_padded((6,), seed=15)  # one example: a few of its tokens run each layer
+    assert sum(1 < count < MIN_PACKED_ROWS for count in running_per_layer(routed.router, mask)) >= 2
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        generated = greedy(routed, ids, mask)
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+            reference_generated = greedy(routed, ids, mask)
+    assert (sparse - reference).abs().max().item() <= 1e-4
+    assert torch.equal(generated, reference_generated)
+
+
+def test_right_padded_batch_equals_the_reference():
+    routed = token_routed(make_base("llama"), fraction=0.5)
+    ids, mask = left_padded((10, 4, 7), seed=14)
+    ids, mask = ids.flip(1), mask.flip(1)  # the padding now trails
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert torch.isfinite(sparse).all()
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_sliding_window_shorter_than_the_sequence():
+    base = make_tiny_model("mistral", num_layers=NUM_LAYERS)
+    base.config.sliding_window = 4
+    routed = token_routed(base, fraction=0.5)
+    ids, mask = left_padded((11, 7), seed=3)
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        cached = greedy(routed, ids, mask)
+        uncached = greedy(routed, ids, mask, use_cache=False)
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+            reference_generation = greedy(routed, ids, mask)
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+    assert torch.equal(cached, uncached) and torch.equal(cached, reference_generation)
+
+
+# ----------------------------------------------------------------------------- what is computed
+def test_fraction_zero_computes_only_the_keys_and_values():
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), fraction=0.0)
+    ids, mask = left_padded(seed=4)
+    layer_calls = []  # like evaluate's LayerCounter: pre-hooks (they do not stop sparse execution)
+    for layer in routed.parts.layers:
+        layer.register_forward_pre_hook(lambda module, args: layer_calls.append(module))
+    with torch.no_grad():
+        routed(ids[:, :3], attention_mask=mask[:, :3])  # the first forward checks the layers once
+        assert routed.token_execution == "sparse" and layer_calls == []  # the check calls no hooks
+        counter = RowCounter(routed)
+        routed(ids, attention_mask=mask, use_cache=False)
+        assert counter.rows == {"q_proj": 0, "k_proj": 0, "o_proj": 0, "mlp": 0}  # no cache: nothing at all
+        out = greedy(routed, ids, mask)
+    new_tokens = out.shape[1] - ids.shape[1]
+    assert counter.rows["q_proj"] == counter.rows["o_proj"] == counter.rows["mlp"] == 0
+    # Every token, padding too, writes each layer's keys: the prompt, then one per decoding step.
+    assert counter.rows["k_proj"] == NUM_LAYERS * ids.shape[0] * (ids.shape[1] + new_tokens - 1)
+    assert counter.layer_calls == 0
+
+
+def test_mlp_skip_at_fraction_zero_runs_attention_but_no_mlp():
+    routed = token_routed(make_tiny_model("qwen2", num_layers=NUM_LAYERS), fraction=0.0, skip="mlp")
+    ids, mask = left_padded(seed=5)
+    with torch.no_grad():
+        routed(ids[:, :3], attention_mask=mask[:, :3])
+        counter = RowCounter(routed)
+        routed(ids, attention_mask=mask)
+    assert counter.rows["mlp"] == 0
+    assert counter.rows["q_proj"] == NUM_LAYERS * ids.numel()
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_only_the_running_real_tokens_are_computed(skip):
+    router = RandomTokenRouter(NUM_LAYERS, fraction=0.5, seed=7)
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), router=router, skip=skip)
+    ids, mask = left_padded((12, 5, 9), seed=6)
+    running = running_per_layer(router, mask)
+    assert 0 < sum(running) < NUM_LAYERS * int(mask.sum())
+    computed = sum(map(packed_rows, running))
+    assert computed < NUM_LAYERS * int(mask.sum())
+    with torch.no_grad():
+        routed(ids[:, :3], attention_mask=mask[:, :3])
+        counter = RowCounter(routed)
+        routed.reset_layer_counter()
+        routed(ids, attention_mask=mask)
+    assert counter.rows["mlp"] == computed
+    assert counter.rows["q_proj"] == (computed if skip == "layer" else NUM_LAYERS * ids.numel())
+    # Executed layers: per example, the mean over its real tokens of the layers they ran.
+    per_example = [sum(running_per_layer(router, mask[row : row + 1])) / int(mask[row].sum()) for row in range(3)]
+    assert routed.radial_executed_layers() == pytest.approx(sum(per_example) / len(per_example))
+
+
+class PaddingOnlyRouter(TokenRouter):
+    """Runs exactly the padding tokens: nothing real runs, so nothing should be computed or counted."""
+
+    num_layers = NUM_LAYERS
+
+    def forward(self, layer_idx, hidden_states, attention_mask):
+        return 1.0 - 2.0 * attention_mask[:, -hidden_states.shape[1] :].float()
+
+
+def test_padding_is_neither_computed_nor_counted():
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), router=PaddingOnlyRouter())
+    ids, mask = left_padded(seed=8)
+    with torch.no_grad():
+        routed(ids[:, :3], attention_mask=mask[:, :3])
+        counter = RowCounter(routed)
+        routed.reset_layer_counter()
+        routed(ids, attention_mask=mask)
+    assert counter.rows["mlp"] == 0 and counter.rows["q_proj"] == 0
+    assert routed.radial_executed_layers() == 0
+
+
+# ----------------------------------------------------------------------------- fallbacks, never silent
+class Wrapped(nn.Module):
+    """A decoder layer of a structure the sparse driver does not know."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [[1], list(range(NUM_LAYERS))])
+def test_unknown_layer_structure_falls_back_to_the_reference_and_says_so(wrapped):
+    base = make_tiny_model("llama", num_layers=NUM_LAYERS)
+    for index in wrapped:
+        base.model.layers[index] = Wrapped(base.model.layers[index])
+    routed = token_routed(base, fraction=0.5)
+    ids, mask = left_padded(seed=9)
+    with torch.no_grad():
+        with pytest.warns(SparseFallbackWarning, match="Wrapped has no input_layernorm"):
+            sparse = routed(ids, attention_mask=mask).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SparseFallbackWarning)  # once, not on every forward
+            routed(ids, attention_mask=mask)
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    layers = ", ".join(map(str, wrapped))
+    prefix = "reference (reason: " if len(wrapped) == NUM_LAYERS else "sparse except reference (reason: "
+    assert routed.token_execution.startswith(f"{prefix}layer{'s' if len(wrapped) > 1 else ''} {layers}: Wrapped")
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_a_layer_whose_forward_differs_from_its_parts_falls_back():
+    base = make_tiny_model("qwen2", num_layers=NUM_LAYERS)
+    layer = base.model.layers[2]
+    stock_forward = layer.forward
+
+    def half_residual_forward(hidden_states, *args, **kwargs):  # same parts, another composition
+        return 0.5 * (hidden_states + stock_forward(hidden_states, *args, **kwargs))
+
+    layer.forward = half_residual_forward
+    routed = token_routed(base, fraction=0.5)
+    with pytest.warns(SparseFallbackWarning, match="layer 2: its outputs differ"):
+        assert routed.token_execution.startswith("sparse except reference (reason: layer 2: its outputs differ")
+    ids, mask = left_padded(seed=10)
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def test_forward_hooks_on_decoder_layers_get_every_token_through_the_reference():
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), fraction=0.5)
+    ids, mask = left_padded(seed=11)
+    seen = []
+    handle = routed.parts.layers[0].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad(), pytest.warns(SparseFallbackWarning, match="forward hooks on decoder layers 0"):
+        routed(ids, attention_mask=mask)
+    assert seen == [torch.Size([*ids.shape, 32])]
+    assert routed.token_execution.startswith("reference (reason: forward hooks")
+    handle.remove()
+    assert routed.token_execution == "sparse"
+
+
+def test_straight_through_training_and_the_requested_reference_compute_every_token():
+    router = GateTokenRouter(NUM_LAYERS, 32, init_bias=0.0)
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), router=router).train()
+    ids, mask = left_padded(seed=12)
+    counter = RowCounter(routed)
+    with routed.straight_through_token_gates() as gates:
+        out = routed(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    assert counter.layer_calls == NUM_LAYERS and len(gates) == NUM_LAYERS
+    assert router.gates[0].weight.grad is not None and router.gates[0].weight.grad.abs().sum() > 0
+    routed.eval()
+    with torch.no_grad(), reference_of(routed):
+        assert routed.token_execution.startswith("reference (reason: requested")
+        routed(ids, attention_mask=mask)
+    assert counter.layer_calls == 2 * NUM_LAYERS
+    with pytest.raises(RadialError, match="token execution must be one of"):
+        with routed.token_execution_mode("fast"):
+            pass
+
+
+# ----------------------------------------------------------------------------- config
+def test_token_skip_is_saved_and_folders_without_it_load_as_layer(tmp_path):
+    base = make_tiny_model("llama", num_layers=NUM_LAYERS)
+    base.save_pretrained(tmp_path / "base")
+    router = RandomTokenRouter(NUM_LAYERS, fraction=0.5, seed=3)
+    routed = RoutedForCausalLM.from_base(str(tmp_path / "base"), router=router, token_skip="mlp")
+    routed.save_pretrained(tmp_path / "routed")
+    config_file = tmp_path / "routed" / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["token_skip"] == "mlp"
+    reloaded = RoutedForCausalLM.from_pretrained(tmp_path / "routed")
+    assert reloaded.config.token_skip == "mlp" and isinstance(reloaded.router, RandomTokenRouter)
+    ids, mask = left_padded(seed=13)
+    with torch.no_grad():
+        assert torch.equal(routed(ids, attention_mask=mask).logits, reloaded(ids, attention_mask=mask).logits)
+    del saved["token_skip"]
+    config_file.write_text(json.dumps(saved))
+    assert RoutedForCausalLM.from_pretrained(tmp_path / "routed").config.token_skip == "layer"
+    with pytest.raises(RadialError, match="token_skip must be one of layer, mlp"):
+        RoutedForCausalLM.from_base(base, router=router, token_skip="attention")
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_dlo_score_scaling_is_the_same_sparse_and_reference_and_trains_the_router(skip):
+    """token_score_gap scales what a running token adds by 1 + (sigmoid(logit) - 0.5) * gap (DLO)."""
+    base = make_base("llama")
+    router = GateTokenRouter(NUM_LAYERS, base.config.hidden_size, init_bias=0.0)
+    torch.manual_seed(3)
+    for gate in router.gates:
+        nn.init.normal_(gate.weight, std=2.0)
+    routed = RoutedForCausalLM.from_base(copy.deepcopy(base), router=router, token_skip=skip, token_score_gap=0.5)
+    plain = RoutedForCausalLM.from_base(copy.deepcopy(base), router=copy.deepcopy(router), token_skip=skip)
+    ids, mask = left_padded()
+    real = mask.bool()
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask, use_cache=False).logits
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask, use_cache=False).logits
+        unscaled = plain(ids, attention_mask=mask, use_cache=False).logits
+    assert routed.token_execution == "sparse"
+    torch.testing.assert_close(sparse[real], reference[real], atol=1e-4, rtol=1e-4)
+    assert (sparse[real] - unscaled[real]).abs().max() > 1e-3  # the scale is applied
+    assert torch.equal(greedy(routed, ids, mask), greedy(routed, ids, mask, use_cache=False))
+
+    routed.train()
+    with reference_of(routed):
+        loss = routed(ids, attention_mask=mask, labels=ids.masked_fill(~real, -100)).loss
+    loss.backward()
+    assert all(gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 for gate in router.gates)
+    assert json.loads(routed.config.to_json_string())["token_score_gap"] == 0.5
