@@ -398,3 +398,23 @@ def test_routed_model_folder_evaluates_with_its_executed_layers(tiny_llama_dir, 
     assert dense["avg_executed_layers"] == 4
     assert routed["avg_executed_layers"] == 3
     assert routed["n_examples"] == dense["n_examples"]
+
+
+def test_token_routed_model_runs_sparse_and_counts_real_tokens_at_any_batch_size(
+    tiny_llama_dir, tiny_tokenizer, data_dir, tmp_path
+):
+    """Loglikelihood batches reach the model with their mask: padding is neither routed, run nor counted."""
+    from radial.routing import RandomTokenRouter, RoutedForCausalLM
+
+    routed_dir = tmp_path / "token-routed"
+    RoutedForCausalLM.from_base(str(tiny_llama_dir), router=RandomTokenRouter(4, fraction=0.5, seed=3)).save_pretrained(
+        routed_dir
+    )
+    tiny_tokenizer.save_pretrained(routed_dir)
+    alone = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "b1.json", "--batch-size", "1", "--limit", "6")
+    batched = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "b4.json", "--batch-size", "4", "--limit", "6")
+    assert batched["token_execution"] == "sparse (skip: layer)"
+    assert batched["unmasked_loglikelihood_rows"] == 0
+    assert batched["avg_executed_layers"] == pytest.approx(alone["avg_executed_layers"], abs=1e-6)
+    assert 1.0 < batched["avg_executed_layers"] < 3.0
+    assert batched["accuracy"] == alone["accuracy"]

@@ -403,9 +403,27 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
             "while generating; in lm-eval's loglikelihood batches (right-padded, no attention mask) the last position "
             "of a shorter row is padding."
         )
+    executions: dict[str, set[str]] = {}
+    for evaluation in evaluations:
+        if evaluation.get("token_execution"):
+            executions.setdefault(evaluation["variant"], set()).add(evaluation["token_execution"])
+    sparse = sorted(v for v, ways in executions.items() if all(way.startswith("sparse (") for way in ways))
+    if sparse:
+        notes.append(
+            f"- Token-routed variants ({', '.join(f'`{v}`' for v in sparse)}) ran sparsely: each layer (or, with "
+            "skip mlp, each MLP) computed only the real tokens its router runs; a skipped token still paid its "
+            "keys and values (skip layer). Their executed layers count real tokens only."
+        )
+    for variant, ways in sorted(executions.items()):
+        if variant not in sparse:
+            notes.append(
+                f"- `{variant}` did NOT run sparsely ({'; '.join(sorted(ways))}): its skipped computation was "
+                "computed and discarded, so its layer count is real but its speedup is not."
+            )
     if "dlo" in methods:
         notes.append(
-            "- DLO-style skipping runs through the routed model's reference token mode: a skipped token's layer is "
-            "computed and discarded, so its layer count is real but its wall time cannot improve on dense."
+            "- DLO counts capacity as the share of tokens executed (0.9 in its paper); `dlo-c{capacity}` here names "
+            "the share skipped. With skip mlp (the authors' default) a skipped (layer, token) pair still runs the "
+            "attention, so the executed-layers column counts MLPs run and overstates the saving against layer skipping."
         )
     return notes

@@ -24,8 +24,9 @@ the dense model. This is FlexiDepth's choice (arXiv 2503.23798) over the alterna
 hole in the cache, which changes the attention pattern per token, or copying the previous layer's
 entry). The same rule holds in training, in uncached inference and in cached decoding, so cached
 generation equals uncached generation (tests check it) and the student is trained exactly as it
-runs. The reference implementation runs the whole layer for every token and selects; a kernel
-that projects only K/V for skipped tokens would turn the skipped share into saved compute.
+runs. Training runs the reference execution (every token computed, then selected: the
+straight-through gradient needs every token's layer output); at inference the student computes
+each layer for its running tokens only (radial.routing.sparse), so the skipped share is saved.
 Layer reuse (a token repeating a layer) is not implemented: the token routers skip or execute.
 
 Output: a routed model folder (routing config, router.safetensors, the fine-tuned layers under

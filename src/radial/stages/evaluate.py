@@ -180,10 +180,10 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = masked_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # Our YAMLs stand alone, so skip indexing lm-eval's thousands of built-in task files.
     task_manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-    return lm_eval.simple_evaluate(
+    results = lm_eval.simple_evaluate(
         model=lm,
         tasks=[lm_eval_task],
         task_manager=task_manager,
@@ -196,6 +196,68 @@ def run_lm_eval(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    results["unmasked_rows"] = type(lm).unmasked_rows
+    return results
+
+
+def masked_hflm(hflm_class):
+    """lm-eval's HFLM, but its loglikelihood batches reach the model with their attention mask.
+
+    HFLM right-pads a loglikelihood batch and calls the model without a mask: harmless for a causal
+    model's real tokens, but a token-routed model would route, run and count the padding. This
+    subclass knows each request's input (context + continuation, as HFLM builds it), recognises
+    every padded row by its tokens, and passes the mask of its real tokens. Scoring is lm-eval's
+    own. Rows it cannot recognise (none in our tests) run unmasked and are counted in
+    `unmasked_rows`.
+    """
+
+    class MaskedHFLM(hflm_class):
+        unmasked_rows = 0
+        _inputs_by_length: dict[int, set[tuple[int, ...]]] | None = None
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            self._inputs_by_length = {}
+            for _, context_enc, continuation_enc in requests:
+                inp = tuple((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
+                self._inputs_by_length.setdefault(len(inp), set()).add(inp)
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._inputs_by_length = None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None or not self._inputs_by_length:
+                return super()._model_call(inps, attn_mask, labels)
+            import torch
+
+            mask = real_token_mask(inps, self._inputs_by_length)
+            if mask is None:
+                MaskedHFLM.unmasked_rows += len(inps)
+                return super()._model_call(inps)
+            autocast = torch.autocast(
+                device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+            )
+            with torch.no_grad(), autocast:
+                return self.model(inps, attention_mask=mask).logits
+
+    return MaskedHFLM
+
+
+def real_token_mask(inps, inputs_by_length: dict[int, set[tuple[int, ...]]]):
+    """The attention mask of a right-padded batch whose rows are known inputs; None if a row is not."""
+    import torch
+
+    mask = torch.zeros_like(inps)
+    for row, tokens in enumerate(inps.tolist()):
+        nonzero = [i for i, token in enumerate(tokens) if token != 0]
+        shortest = nonzero[-1] + 1 if nonzero else 1  # padding is token 0 (lm-eval's pad_and_concat)
+        length = next(
+            (n for n in range(shortest, len(tokens) + 1) if tuple(tokens[:n]) in inputs_by_length.get(n, ())), None
+        )
+        if length is None:
+            return None
+        mask[row, :length] = 1
+    return mask
 
 
 class LayerCounter:
@@ -312,7 +374,7 @@ def paired_timing(model, args: argparse.Namespace, generates: bool, batches: lis
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 )
             else:
-                which(batch["input_ids"])
+                which(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         _synchronize(torch.device(args.device))
         return time.perf_counter() - start
 
@@ -346,6 +408,14 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _token_execution(model) -> str | None:
+    config = getattr(model, "config", None)
+    if getattr(config, "routing_mode", None) != "token":
+        return None
+    skip = getattr(config, "token_skip", "layer")
+    return f"{model.token_execution} (skip: {skip})"
+
+
 def average_executed_layers(model, counter: LayerCounter) -> float:
     """Mean decoder layers executed per forward: the model's own count if it keeps one, else the hooks'."""
     if callable(getattr(model, "radial_executed_layers", None)):
@@ -372,6 +442,10 @@ def summarize(
         "accuracy": float(headline[spec.metric]),
         "accuracy_stderr": _finite_or_none(headline.get(f"{metric}_stderr,{metric_filter}")),
         "avg_executed_layers": average_executed_layers(model, counter),
+        # How a token-routed model ran: "sparse" (only running tokens computed), or the reference
+        # (every token computed, then selected) and why; None for models that route no tokens.
+        "token_execution": _token_execution(model),
+        "unmasked_loglikelihood_rows": results.get("unmasked_rows", 0),
         "num_layers": len(counter.layers),
         "wall_time_s": wall_time_s,
         "forward_time_s": counter.forward_seconds,
