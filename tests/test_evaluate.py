@@ -359,9 +359,12 @@ def test_python_path_matches_the_lm_eval_command_line(tiny_llama_dir, data_dir, 
     cli = json.loads(results_file.read_text())
 
     for task in eval_tasks.TASKS:
+        # lm_eval takes each task's own shots; radial's defaults are the workflow's (evaluate.num_fewshot).
+        name = eval_tasks.lm_eval_name(task)
+        shots = next(n for leaf, n in cli["n-shot"].items() if leaf == name or leaf.startswith(name + "_"))
         ours = _evaluate(tiny_llama_dir, data_dir, task, tmp_path / f"{task}.json", "--limit", limit,
                          "--batch-size", batch_size, "--max-gen-toks", max_gen_toks, "--seed", seed,
-                         "--log-samples")  # fmt: skip
+                         "--num-fewshot", str(shots), "--log-samples")  # fmt: skip
         for name, metrics in ours["lm_eval"]["results"].items():
             for key, value in metrics.items():
                 if "," in key and "stderr" not in key:

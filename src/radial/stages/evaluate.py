@@ -180,7 +180,8 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = masked_hflm(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm_class = masked_hflm(HFLM) if routes_on_the_input(model) else HFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # Our YAMLs stand alone, so skip indexing lm-eval's thousands of built-in task files.
     task_manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     results = lm_eval.simple_evaluate(
@@ -196,15 +197,22 @@ def run_lm_eval(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    results["unmasked_rows"] = type(lm).unmasked_rows
+    results["unmasked_rows"] = getattr(lm, "unmasked_rows", 0)
     return results
+
+
+def routes_on_the_input(model) -> bool:
+    """A model whose routing reads its input (token routers, example routers, confidence exits): it
+    must see which tokens are padding. Any other causal model computes its real tokens' logits the
+    same with or without the mask of a right-padded batch, so lm-eval calls it as it always does."""
+    return getattr(getattr(model, "config", None), "routing_mode", None) in ("token", "router")
 
 
 def masked_hflm(hflm_class):
     """lm-eval's HFLM, but its loglikelihood batches reach the model with their attention mask.
 
     HFLM right-pads a loglikelihood batch and calls the model without a mask: harmless for a causal
-    model's real tokens, but a token-routed model would route, run and count the padding. This
+    model's real tokens, but a routed model would route, run and count the padding. This
     subclass knows each request's input (context + continuation, as HFLM builds it), recognises
     every padded row by its tokens, and passes the mask of its real tokens. Scoring is lm-eval's
     own. Rows it cannot recognise (none in our tests) run unmasked and are counted in
@@ -373,8 +381,9 @@ def paired_timing(model, args: argparse.Namespace, generates: bool, batches: lis
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 )
-            else:
-                which(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            else:  # each model as lm-eval called it (routes_on_the_input: with the batch's mask)
+                mask = batch["attention_mask"] if routes_on_the_input(which) else None
+                which(input_ids=batch["input_ids"], attention_mask=mask)
         _synchronize(torch.device(args.device))
         return time.perf_counter() - start
 
