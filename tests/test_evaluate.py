@@ -421,3 +421,29 @@ def test_token_routed_model_runs_sparse_and_counts_real_tokens_at_any_batch_size
     assert batched["avg_executed_layers"] == pytest.approx(alone["avg_executed_layers"], abs=1e-6)
     assert 1.0 < batched["avg_executed_layers"] < 3.0
     assert batched["accuracy"] == alone["accuracy"]
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "synthetic"])
+def test_routed_examples_get_the_same_path_at_any_batch_size(task, tiny_llama_dir, tiny_tokenizer, data_dir, tmp_path):
+    """Dr.LLM routers and the confidence exit decide from the question only: batch 1 and 16 agree."""
+    import torch
+
+    from radial.routing import ConfidenceExitRouter, DrLLMRouter, RoutedForCausalLM
+
+    torch.manual_seed(0)
+    drllm = DrLLMRouter(4, 32, bottleneck=8)
+    for linear in (m for layer in drllm.layers for m in layer if isinstance(m, torch.nn.Linear)):
+        torch.nn.init.normal_(linear.weight, std=3.0)  # decisive actions that vary with the input
+    for name, router in {"drllm": drllm, "exit": ConfidenceExitRouter(4, exits=[1, 2, 3], threshold=0.02)}.items():
+        folder = tmp_path / name
+        RoutedForCausalLM.from_base(str(tiny_llama_dir), router=router).save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        runs = [
+            _evaluate(folder, data_dir, task, tmp_path / f"{name}-{size}.json", "--batch-size", size, "--limit", "4",
+                      "--max-gen-toks", "8")  # fmt: skip
+            for size in ("1", "16")
+        ]
+        assert runs[0]["accuracy"] == runs[1]["accuracy"]
+        assert runs[0]["avg_executed_layers"] == pytest.approx(runs[1]["avg_executed_layers"], abs=1e-9), name
+        assert runs[1]["unmasked_loglikelihood_rows"] == 0
+        assert 0 < runs[1]["avg_executed_layers"], name

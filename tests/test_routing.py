@@ -231,6 +231,29 @@ def test_drllm_router_batched_decisions_equal_alone_and_budget_cuts_depth(base):
         assert capped == [(0, 0, 1, 1, 2)] * 3 and routed.radial_executed_layers() == 5
 
 
+def test_example_router_decides_from_the_context_alone(base):
+    """Every continuation of a question runs the path its context decides, in any right-padded batch."""
+    torch.manual_seed(0)
+    router = DrLLMRouter(NUM_LAYERS, base.config.hidden_size, bottleneck=16)
+    for linear in (m for layer in router.layers for m in layer if isinstance(m, torch.nn.Linear)):
+        torch.nn.init.normal_(linear.weight, std=3.0)  # decisive actions that vary with the input
+    routed = RoutedForCausalLM.from_base(copy.deepcopy(base), router=router)
+    contexts = random_sequences([9, 5, 12], seed=4)
+    continuations = random_sequences([1, 4, 2, 6], seed=5)
+    rows = [(c, torch.cat([c, a])) for c in contexts for a in continuations]
+    ids, mask = pad([full for _, full in rows], "right")
+    decision = torch.zeros_like(mask)
+    for row, (context, _) in enumerate(rows):
+        decision[row, : len(context)] = 1
+    with torch.no_grad():
+        batched = routed(ids, attention_mask=mask, decision_mask=decision, use_cache=True).past_key_values.paths
+        alone = [routed(c[None], use_cache=True).past_key_values.paths[0] for c in contexts]
+        undecided = routed(ids, attention_mask=mask, use_cache=True).past_key_values.paths
+    assert batched == [alone[i // len(continuations)] for i in range(len(rows))]
+    assert len(set(alone)) > 1  # the contexts really are routed differently
+    assert undecided != batched  # reading the continuations too would change the paths
+
+
 def test_token_router_reference_reproduces_base_and_caches_exactly(base):
     router = GateTokenRouter(NUM_LAYERS, base.config.hidden_size)
     routed = RoutedForCausalLM.from_base(copy.deepcopy(base), router=router)

@@ -399,9 +399,8 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
         )
     if "soft-conf" in methods:
         notes.append(
-            "- The confidence exit decides per example at prefill from the last input position and keeps that depth "
-            "while generating; in lm-eval's loglikelihood batches (right-padded, no attention mask) the last position "
-            "of a shorter row is padding."
+            "- The confidence exit decides per example from the prompt's last token (for a multiple-choice question: "
+            "once for all its answer choices) and keeps that depth while generating."
         )
     executions: dict[str, set[str]] = {}
     for evaluation in evaluations:

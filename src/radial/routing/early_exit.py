@@ -12,10 +12,11 @@ a prefill's paths), so every later token has keys and values in exactly the laye
 the KV cache of the skipped upper layers is never needed: nothing is copied up, and cached
 generation equals uncached generation. The alternative, a per-token exit with the exited hidden
 state copied up to fill the skipped layers' caches (CALM), needs those layers' key/value
-projections for every token and saves little on a CPU. In one forward over a whole sequence
-(lm-eval's loglikelihood requests) the same rule applies to the sequence's last position; lm-eval
-pads those batches on the right without an attention mask, so for the shorter rows of a batch the
-last position is padding and the decision is made there.
+projections for every token and saves little on a CPU. In one forward over a question and an
+answer to score (lm-eval's loglikelihood requests) the evaluation passes the question's tokens as
+the routed model's `decision_mask`, so the rule reads the question's last token, whose
+prediction is the answer's first token: every answer choice of a question exits at one depth,
+whatever the batch.
 """
 
 from __future__ import annotations

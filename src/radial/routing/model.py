@@ -550,8 +550,16 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         paths: Any = None,
+        decision_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """The causal LM forward; `paths` overrides the routing for this call.
+
+        decision_mask ([batch, seq], default: attention_mask) marks the tokens an example-level
+        router reads to decide the example's path: the context (prompt) when the input also holds a
+        continuation to score, so that every continuation of one question runs the path decided for
+        its context, whatever the batch around it.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         for unsupported in ("output_attentions", "output_hidden_states"):
@@ -589,7 +597,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             fixed = self._fixed_paths(paths, batch_size)
             if fixed is None:
-                hidden, steps = self._run_router(hidden, layer_inputs, cache, attention_mask)
+                decision = attention_mask if decision_mask is None else decision_mask
+                hidden, steps = self._run_router(hidden, layer_inputs, cache, decision)
             else:
                 steps = _cached_schedule(tuple(fixed))
                 hidden = self._run_fixed(hidden, steps, layer_inputs, cache)
@@ -763,13 +772,14 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             self.token_gates.append(run.float() + (soft - soft.detach()))
         return routed_hidden
 
-    def _run_router(self, hidden, inputs, cache, attention_mask) -> tuple[torch.Tensor, list[Step]]:
-        """Prefill with an example-level router: decide layer i from the hidden state entering it."""
+    def _run_router(self, hidden, inputs, cache, decision_mask) -> tuple[torch.Tensor, list[Step]]:
+        """Prefill with an example-level router: decide layer i from the hidden states entering it,
+        at the tokens `decision_mask` marks (the prompt's real tokens)."""
         batch_size = hidden.shape[0]
         executed = torch.zeros(batch_size, dtype=torch.long, device=hidden.device)
         steps: list[Step] = []
         for layer in range(self.num_layers):
-            actions = self.budget.actions(self.router(layer, hidden, attention_mask), executed)
+            actions = self.budget.actions(self.router(layer, hidden, decision_mask), executed)
             executed += actions
             counts = actions.tolist()
             for occurrence in range(max(counts)):

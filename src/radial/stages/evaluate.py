@@ -214,20 +214,23 @@ def masked_hflm(hflm_class):
     HFLM right-pads a loglikelihood batch and calls the model without a mask: harmless for a causal
     model's real tokens, but a routed model would route, run and count the padding. This
     subclass knows each request's input (context + continuation, as HFLM builds it), recognises
-    every padded row by its tokens, and passes the mask of its real tokens. Scoring is lm-eval's
-    own. Rows it cannot recognise (none in our tests) run unmasked and are counted in
-    `unmasked_rows`.
+    every padded row by its tokens, and passes the mask of its real tokens, and the mask of its
+    context as `decision_mask`: an example-level router (Dr.LLM routers, the confidence exit)
+    decides from the question alone, so every answer choice of a question runs one path, the path
+    the question gets at any batch size. Scoring is lm-eval's own. Rows it cannot recognise (none
+    in our tests) run unmasked and are counted in `unmasked_rows`.
     """
 
     class MaskedHFLM(hflm_class):
         unmasked_rows = 0
-        _inputs_by_length: dict[int, set[tuple[int, ...]]] | None = None
+        _inputs_by_length: dict[int, dict[tuple[int, ...], int]] | None = None
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
             self._inputs_by_length = {}
             for _, context_enc, continuation_enc in requests:
                 inp = tuple((context_enc + continuation_enc)[-(self.max_length + 1) :][:-1])
-                self._inputs_by_length.setdefault(len(inp), set()).add(inp)
+                context_length = max(1, len(inp) - (len(continuation_enc) - 1))
+                self._inputs_by_length.setdefault(len(inp), {})[inp] = context_length
             try:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
             finally:
@@ -238,24 +241,24 @@ def masked_hflm(hflm_class):
                 return super()._model_call(inps, attn_mask, labels)
             import torch
 
-            mask = real_token_mask(inps, self._inputs_by_length)
-            if mask is None:
+            masks = real_token_masks(inps, self._inputs_by_length)
+            if masks is None:
                 MaskedHFLM.unmasked_rows += len(inps)
                 return super()._model_call(inps)
             autocast = torch.autocast(
                 device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
             )
             with torch.no_grad(), autocast:
-                return self.model(inps, attention_mask=mask).logits
+                return self.model(inps, attention_mask=masks[0], decision_mask=masks[1]).logits
 
     return MaskedHFLM
 
 
-def real_token_mask(inps, inputs_by_length: dict[int, set[tuple[int, ...]]]):
-    """The attention mask of a right-padded batch whose rows are known inputs; None if a row is not."""
+def real_token_masks(inps, inputs_by_length: dict[int, dict[tuple[int, ...], int]]):
+    """(attention mask, context mask) of a right-padded batch whose rows are known inputs; None if a row is not."""
     import torch
 
-    mask = torch.zeros_like(inps)
+    mask, context = torch.zeros_like(inps), torch.zeros_like(inps)
     for row, tokens in enumerate(inps.tolist()):
         nonzero = [i for i, token in enumerate(tokens) if token != 0]
         shortest = nonzero[-1] + 1 if nonzero else 1  # padding is token 0 (lm-eval's pad_and_concat)
@@ -265,7 +268,8 @@ def real_token_mask(inps, inputs_by_length: dict[int, set[tuple[int, ...]]]):
         if length is None:
             return None
         mask[row, :length] = 1
-    return mask
+        context[row, : inputs_by_length[length][tuple(tokens[:length])]] = 1
+    return mask, context
 
 
 class LayerCounter:
@@ -316,9 +320,9 @@ class LayerCounter:
         self.forward_calls += 1
         tokens = args[0] if args else kwargs.get("input_ids")
         if tokens is not None and len(self.recorded) < self.record_batches and _starts_a_sequence(kwargs):
-            mask = kwargs.get("attention_mask")
             self.recorded.append(
-                {"input_ids": tokens.detach().clone(), "attention_mask": None if mask is None else mask.detach().clone()}
+                {"input_ids": tokens.detach().clone()}
+                | {key: _cloned(kwargs.get(key)) for key in ("attention_mask", "decision_mask")}
             )
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
@@ -342,6 +346,10 @@ class LayerCounter:
     @property
     def mean_layers_per_forward(self) -> float:
         return self.layer_calls / self.forward_calls if self.forward_calls else float("nan")
+
+
+def _cloned(tensor):
+    return None if tensor is None else tensor.detach().clone()
 
 
 def _starts_a_sequence(kwargs: dict[str, Any]) -> bool:
@@ -375,15 +383,17 @@ def paired_timing(model, args: argparse.Namespace, generates: bool, batches: lis
         for batch in batches:
             if generates:
                 which.generate(
-                    **batch,
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
                     max_new_tokens=args.timing_decode_steps,
                     min_new_tokens=args.timing_decode_steps,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 )
-            else:  # each model as lm-eval called it (routes_on_the_input: with the batch's mask)
-                mask = batch["attention_mask"] if routes_on_the_input(which) else None
-                which(input_ids=batch["input_ids"], attention_mask=mask)
+            elif routes_on_the_input(which):  # each model as lm-eval called it
+                which(**batch)
+            else:
+                which(input_ids=batch["input_ids"])
         _synchronize(torch.device(args.device))
         return time.perf_counter() - start
 
