@@ -276,6 +276,8 @@ def test_dlo_training_runs_the_top_share_of_real_tokens_and_inference_the_gate()
     raw = gate(1, hidden, mask)
     assert raw[real & run].min() > raw[real & ~run].max()  # the highest logits run
     assert torch.equal(topk.eval()(1, hidden, mask), raw)
+    fresh = TopKDuringTraining(GateTokenRouter(2, 8, init_bias=1.0), capacity=0.25).train()  # every logit equal
+    assert int((fresh(0, hidden, mask) > 0)[real].sum()) == math.ceil(int(real.sum()) * 0.75)
 
 
 # --------------------------------------------------------------------------------------------- sweeps

@@ -87,10 +87,16 @@ class TopKDuringTraining(TokenRouter):
         if not self.training:
             return logits
         real = torch.ones_like(logits, dtype=torch.bool) if attention_mask is None else attention_mask[:, -logits.shape[1]:].bool()
-        ranked = logits.detach()[real].sort(descending=True).values
-        keep = min(len(ranked), max(1, math.ceil(len(ranked) * (1 - self.capacity))))
-        below = ranked[keep] if keep < len(ranked) else ranked[-1] - 1.0
-        return logits - (ranked[keep - 1] + below) / 2
+        flat = logits.detach().masked_fill(~real, -math.inf).flatten()
+        keep = min(int(real.sum()), max(1, math.ceil(int(real.sum()) * (1 - self.capacity))))
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[flat.topk(keep).indices] = True  # exactly `keep` tokens, ties broken by position
+        chosen = chosen.view_as(logits)
+        ranked = flat[chosen.flatten()].min(), flat.masked_fill(chosen.flatten(), -math.inf).max()
+        threshold = ranked[0] if not torch.isfinite(ranked[1]) else (ranked[0] + ranked[1]) / 2
+        shifted = logits - threshold
+        # Ties (a fresh router gives every token the same logit) sit on the threshold: nudge them.
+        return torch.where(chosen, shifted.clamp(min=1e-4), shifted.clamp(max=0.0))
 
 
 def skip_labels(cosine: torch.Tensor, real: torch.Tensor, capacity: float) -> torch.Tensor:
