@@ -417,14 +417,16 @@ def test_interrupted_fine_tuning_resumes_only_under_the_same_flags_and_data(
 
 
 @pytest.mark.slow
-def test_dlo_stage_skips_its_capacity_and_saves_the_fine_tuned_base(tmp_path, tiny_llama_dir, finetune_data):
+@pytest.mark.parametrize("selection", ["gate", "topk"])
+def test_dlo_stage_skips_its_capacity_and_saves_the_fine_tuned_base(selection, tmp_path, tiny_llama_dir, finetune_data):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "models" / "dlo-c0.25"
     assert radial_main(["dlo", "--model", str(tiny_llama_dir), "--data-dir", str(finetune_data), "--capacity", "0.25",
                         "--out", str(out), "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "0.01",
-                        "--wandb-mode", "disabled"]) == 0
+                        "--train-selection", selection, "--wandb-mode", "disabled"]) == 0
     info = json.loads((out / VARIANT_INFO).read_text())
+    assert info["train_selection"] == selection
     assert info["skip_fraction_calibrated"] == pytest.approx(0.25, abs=0.1)
     config = json.loads((out / "config.json").read_text())
     assert config["base_model_relative_path"] == "base" and config["budget"]["skip_bias"] == info["skip_bias"]
