@@ -103,7 +103,7 @@ rule dlo:
     wildcard_constraints:
         capacity=r"0?\.\d+",
     params:
-        router_loss_weight=cli_flags({"router_loss_weight": config["baselines"]["dlo"]["router_loss_weight"]}),
+        dlo_flags=section_flags("baselines.dlo", exclude=["capacity"]),  # capacity: the wildcard
         flags=FINETUNE_FLAGS,
         common=common_flags(),
     threads: workflow.cores
@@ -113,5 +113,5 @@ rule dlo:
         "../../envs/train.yaml"
     shell:
         "python -m radial dlo --model {input.model} --data-dir results/data --capacity {wildcards.capacity}"
-        " {params.router_loss_weight} --out {output} --threads {threads} {params.flags}"
+        " {params.dlo_flags} --out {output} --threads {threads} {params.flags}"
         " {params.common} > {log} 2>&1"
