@@ -108,6 +108,18 @@ def test_missing_model_folder_names_the_config_key(tmp_path):
     _assert_not_complete(workdir, config, "results/models/dense", "base_model")
 
 
+def test_config_values_reach_the_shell_quoted(tmp_path):
+    """A model name with shell syntax or a space is one argument, never a command."""
+    workdir = tmp_path / "run dir"
+    workdir.mkdir()
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["model"]["name_or_path"] = "x$(touch pwned)"
+    code, log = _snakemake(workdir, config, "results/models/dense")
+    assert code != 0  # no such model
+    assert "x$(touch pwned)" in log and "unrecognized arguments" not in log
+    assert not list(tmp_path.rglob("pwned")) and not (PROJECT_ROOT / "pwned").exists()
+
+
 @pytest.fixture
 def silent_endpoint():
     """A local address that never answers a connection (its accept queue is full, so the kernel
