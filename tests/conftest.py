@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random decoder models (Llama, Qwen2, Mistral) with a local tokenizer.
+"""Shared fixtures: tiny random decoder models (Llama, Qwen2, Mistral, Qwen3) with a local tokenizer.
 
 Nothing here touches the Hugging Face Hub.
 """
@@ -45,9 +45,9 @@ def make_tokenizer():
 def make_tiny_model(arch: str, num_layers: int = 4, vocab_size: int = 320, seed: int = 0):
     """A random tiny causal LM of the given architecture, float32, eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[arch]
     config = config_cls(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -55,6 +55,7 @@ def make_tiny_model(arch: str, num_layers: int = 4, vocab_size: int = 320, seed:
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,  # hidden / heads; Qwen3 would otherwise default to 128
         max_position_embeddings=256,
         bos_token_id=0,
         eos_token_id=1,

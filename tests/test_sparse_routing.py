@@ -37,26 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_base(arch: str):
-    if arch != "qwen3":
-        return make_tiny_model(arch, num_layers=NUM_LAYERS)
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    config = Qwen3Config(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return make_tiny_model(arch, num_layers=NUM_LAYERS)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

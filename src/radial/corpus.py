@@ -176,7 +176,6 @@ def right_padded(sequences: list[Example], pad_id: int) -> tuple[torch.Tensor, t
     return input_ids, labels
 
 
-
 class FinetuneBatches:
     """`batch_for_step` for the training harness: micro-step -> {input_ids, labels, attention_mask}.
 

@@ -128,8 +128,6 @@ def _help(spec: dict) -> str:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate every flag linked to a config key against that key's schema: the one validation."""
-    import jsonschema
-
     for action in parser._actions:
         key = getattr(action, "setting", None)
         if key is None or not hasattr(args, action.dest):
@@ -146,18 +144,21 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         else:
             values, rule = [value], spec
         for item in values:
-            item = str(item) if isinstance(item, Path) else item
-            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(rule).iter_errors(item))
-            if error is not None:
+            message = _violation(rule, str(item) if isinstance(item, Path) else item)
+            if message is not None:
                 shown = " ".join(map(str, value)) if isinstance(value, list) else value
-                raise RadialError(f"{action.option_strings[0]} {shown}: {error.message} (config key {key})")
+                raise RadialError(f"{action.option_strings[0]} {shown}: {message} (config key {key})")
 
 
 def invalid(key: str, value: Any) -> str | None:
     """Why `value` is not allowed for config key `key`, or None when it is."""
+    return _violation(key_schema(key), value)
+
+
+def _violation(rule: dict, value: Any) -> str | None:
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(key_schema(key)).iter_errors(value))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(rule).iter_errors(value))
     return None if error is None else error.message
 
 

@@ -9,15 +9,14 @@ Either way the stage writes one HF-format folder (config, safetensors weights, t
 The embedded default is a deep, narrow Llama trained from scratch on CPU in minutes: a byte-level
 BPE tokenizer trained on the corpus (radial.corpus), then a plain AdamW loop (cosine schedule with
 warmup, betas 0.9/0.95) over synthetic arithmetic questions, one per row, with steps of packed
-benchmark English mixed in.
+benchmark English mixed in. Afterwards the model answers the synthetic test questions greedily,
+the way lm-eval's `generate_until` will, and the per-level accuracy goes into `radial_base.json`.
 
 That loop (`pretrain`) is deliberately not the DeepSpeed harness the fine-tuning stages share
 (radial.training): `bench/pretrain_loop.py` measured the harness at the same cost per step (0.230
 against 0.226 s, initialize 0.6 s), so speed is no reason either way, but the harness's optimizer
 and schedule (betas 0.9/0.999, its warm-up formula) would change a recipe whose results are
 seed-sensitive (level-5 accuracy 49-94 % over seeds). It stays a short loop of its own.
-Afterwards the model answers the synthetic test questions greedily, the way lm-eval's
-`generate_until` will, and the per-level accuracy goes into `radial_base.json`.
 """
 
 from __future__ import annotations
@@ -129,11 +128,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def embedded_config(args: argparse.Namespace) -> dict:
-    """The flags that define the embedded model and its pre-training (later: config keys)."""
-    keys = (
-        "layers hidden_size heads kv_heads intermediate_size vocab_size seq_len steps synthetic_batch_size batch_size lr "
-        "warmup_steps weight_decay benchmark_fraction threads eval_examples_per_level seed"
-    ).split()
+    """The flags that define the embedded model and its pre-training: config section model.embedded,
+    threads and seed."""
+    keys = [key.rsplit(".", 1)[-1] for key in settings.section_keys("model.embedded")] + ["threads", "seed"]
     return {key: getattr(args, key) for key in keys}
 
 

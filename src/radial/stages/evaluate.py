@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radial import eval_tasks
-from radial import settings
+from radial import eval_tasks, settings
 from radial.utils import RadialError, seed_everything, write_json
 
 
@@ -243,7 +242,7 @@ def masked_hflm(hflm_class):
 
             masks = real_token_masks(inps, self._inputs_by_length)
             if masks is None:
-                MaskedHFLM.unmasked_rows += len(inps)
+                self.unmasked_rows += len(inps)
                 return super()._model_call(inps)
             autocast = torch.autocast(
                 device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None

@@ -16,12 +16,6 @@ import torch
 
 from radial import settings
 
-# Flags a config section sets (routers.steps, ...) when it has the key; the harness default otherwise.
-SECTION_KEYS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "zero_stage",
-                "checkpoint_every", "eval_every")
-HARNESS_KEYS = ("bf16", "grad_clip", "keep_checkpoints")
-
-
 @dataclass
 class TrainConfig:
     steps: int
@@ -50,10 +44,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, section: str) -> None:
     """The training flags, with the defaults of config section `section` (e.g. "distill")."""
     group = parser.add_argument_group("training (DeepSpeed)")
     own = {key.rsplit(".", 1)[-1] for key in settings.section_keys(section)}
-    for name in SECTION_KEYS:
-        settings.add_setting(group, f"{section}.{name}" if name in own else f"$defs.training.{name}", flag=settings.flag_name(name))
-    for name in HARNESS_KEYS:
-        settings.add_setting(group, f"$defs.training.{name}", flag=settings.flag_name(name))
+    for shared in settings.section_keys("$defs.training"):
+        name = shared.rsplit(".", 1)[-1]
+        if name == "seed":  # every stage's --seed (settings.add_common_arguments)
+            continue
+        # The section's own default where it sets the key (routers.steps), else the harness default.
+        settings.add_setting(group, f"{section}.{name}" if name in own else shared, flag=settings.flag_name(name))
     group.add_argument(
         "--deepspeed-config",
         type=Path,
