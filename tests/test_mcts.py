@@ -22,7 +22,7 @@ import torch
 from conftest import make_tiny_model
 from radial import synthetic
 from radial.__main__ import main as radial_main
-from radial.stages.mcts import gather_labels, select_examples, shard_examples, summarize
+from radial.stages.mcts import gather_labels, improved, select_examples, shard_examples
 from radial.path_eval import (
     PathEvaluator,
     build_scorer,
@@ -249,26 +249,77 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "search_seconds"} for row in rows]
 
 
-def test_shards_gather_into_labels_stats_and_plot(tiny_llama_dir, synthetic_data, tmp_path):
+def test_shards_hold_every_searched_example_and_a_gather_without_correct_paths_fails(
+    tiny_llama_dir, synthetic_data, tmp_path, capsys
+):
     shard_files = [tmp_path / f"shard{i}.jsonl" for i in range(2)]
     for i, out in enumerate(shard_files):
         assert radial_main(search_args(tiny_llama_dir, synthetic_data, out, shard=i, shards=2)) == 0
-    assert radial_main(["mcts", "gather", *map(str, shard_files), "--out-dir", str(tmp_path / "mcts"),
-                        "--wandb-mode", "disabled"]) == 0  # fmt: skip
-    labels = read_jsonl(tmp_path / "mcts" / "labels.jsonl")
+    searched = gather_labels(shard_files)
     selected = select_examples(synthetic_data, ["synthetic"], 6, seed=0)
-    assert [x["id"] for x in labels] == [row["id"] for row in selected]  # all, once, in order
-    for label, row in zip(labels, selected):
+    assert [x["id"] for x in searched] == [row["id"] for row in selected]  # all, once, in order
+    for label, row in zip(searched, selected):
         assert all(field in label for field in CONTRACT_FIELDS)
         assert label["level"] == row["level"] and label["prompt"] == row["question"]
         assert len(label["layer_labels"]) == 4 and set(label["layer_labels"]) <= {0, 1, 2}
         assert counts_to_path(label["layer_labels"]) == tuple(label["path"])
         assert label["layers_saved"] == 4 - len(label["path"])
         assert 1 <= label["simulations"] <= 20
-    stats = json.loads((tmp_path / "mcts" / "stats.json").read_text())
-    assert stats["examples"] == 6 and sum(stats["class_counts"].values()) == 6 * 4
-    assert stats == summarize(labels)
-    assert (tmp_path / "mcts" / "layers_saved.png").stat().st_size > 10_000
+    # The random tiny model answers nothing: no label set, and nothing written as if it were one.
+    assert not any(x["reward"] for x in searched)
+    capsys.readouterr()
+    assert radial_main(["mcts", "gather", *map(str, shard_files), "--out-dir", str(tmp_path / "mcts"),
+                        "--wandb-mode", "disabled"]) == 2  # fmt: skip
+    assert "no example of 6 searched has a correct path" in capsys.readouterr().err
+    assert not (tmp_path / "mcts" / "labels.jsonl").exists()
+
+
+def label_row(index: int, *, correct: bool, default_correct: bool, path: tuple[int, ...], num_layers: int = 4) -> dict:
+    """A search result row as `mcts search` writes it."""
+    counts = [path.count(layer) for layer in range(num_layers)]
+    return {
+        "id": f"synthetic-{index}", "task": "synthetic", "level": 1 + index % 5, "question": f"q{index}",
+        "prompt": f"q{index}", "answer": "1", "path": list(path), "layer_labels": counts,
+        "reward": float(correct), "default_correct": default_correct, "simulations": 10,
+        "layers_saved": num_layers - len(path), "num_layers": num_layers, "prediction": "1",
+        "paths_evaluated": 10, "block_evaluations": 20, "naive_block_evaluations": 40, "layer_tokens": 100,
+        "search_seconds": 0.1,
+    }  # fmt: skip
+
+
+def test_label_set_drops_unsolved_examples_and_enriches_the_improved_share(tmp_path, capsys):
+    """Dr.LLM's label set: no example without a correct path; at least `improved_share` improved on the default."""
+    dense = (0, 1, 2, 3)
+    rows = (
+        [label_row(i, correct=False, default_correct=False, path=dense) for i in range(0, 10)]  # unsolved
+        + [label_row(i, correct=True, default_correct=True, path=(0, 2)) for i in range(10, 30)]  # shorter
+        + [label_row(i, correct=True, default_correct=False, path=(0, 1, 1, 2, 3)) for i in range(30, 40)]  # fixed
+        + [label_row(i, correct=True, default_correct=True, path=dense) for i in range(40, 100)]  # unimproved
+    )
+    random.Random(0).shuffle(rows)
+    write_jsonl(tmp_path / "shard.jsonl", rows)
+    gather = ["mcts", "gather", str(tmp_path / "shard.jsonl"), "--wandb-mode", "disabled"]
+    assert radial_main([*gather, "--out-dir", str(tmp_path / "half"), "--improved-share", "0.5"]) == 0
+    assert "10 without a correct path and 30 for enrichment dropped" in capsys.readouterr().out
+    kept = read_jsonl(tmp_path / "half" / "labels.jsonl")
+    assert all(x["reward"] == 1.0 for x in kept)
+    assert len(kept) == 60 and sum(map(improved, kept)) == 30  # every improved example, half of the set
+    assert [x["id"] for x in kept] == [x["id"] for x in rows if x in kept]  # search order
+    stats = json.loads((tmp_path / "half" / "stats.json").read_text())
+    assert stats["examples"] == 100 and stats["label_accuracy"] == 0.9  # figures of everything searched
+    assert stats["label_set"] | {"class_counts_kept": None} == {
+        "searched": 100, "kept": 60, "dropped_no_correct_path": 10, "dropped_for_enrichment": 30,
+        "improved_share_target": 0.5, "improved_share_searched": 0.3, "improved_share_kept": 0.5,
+        "mean_layers_saved_kept": (20 * 2 - 10) / 60, "class_counts_kept": None,
+    }  # fmt: skip
+    assert sum(stats["label_set"]["class_counts_kept"].values()) == 60 * 4
+
+    assert radial_main([*gather, "--out-dir", str(tmp_path / "again"), "--improved-share", "0.5"]) == 0
+    assert read_jsonl(tmp_path / "again" / "labels.jsonl") == kept  # seeded
+    assert radial_main([*gather, "--out-dir", str(tmp_path / "all"), "--improved-share", "0"]) == 0
+    assert len(read_jsonl(tmp_path / "all" / "labels.jsonl")) == 90
+    assert radial_main([*gather, "--out-dir", str(tmp_path / "only"), "--improved-share", "1"]) == 0
+    assert all(map(improved, read_jsonl(tmp_path / "only" / "labels.jsonl")))
 
 
 def test_resume_after_a_torn_checkpoint_gives_the_same_labels(tiny_llama_dir, synthetic_data, tmp_path, capsys):

@@ -154,7 +154,7 @@ def test_report_compares_methods_with_a_pareto_plot(tmp_path):
 
 
 def test_report_describes_the_mcts_labels(tmp_path):
-    from radial.stages.mcts import plot_summary, summarize
+    from radial.stages.mcts import plot_summary, select_label_set, summarize
 
     def label(i, level, path, default_correct):
         return {"id": f"synthetic/{i}", "task": "synthetic", "level": level, "path": path,
@@ -163,7 +163,8 @@ def test_report_describes_the_mcts_labels(tmp_path):
                 "num_layers": 4, "block_evaluations": 10, "naive_block_evaluations": 25}
 
     labels = [label(0, 1, [0, 1, 3], True), label(1, 1, [0, 1, 2, 3], False), label(2, 2, [0, 1, 1, 2, 3], False)]
-    stats = summarize(labels)
+    labels[1]["reward"] = 0.0  # no correct path
+    stats = summarize(labels) | {"label_set": select_label_set(labels, 0.5, seed=0)[1]}
     mcts = tmp_path / "mcts"
     mcts.mkdir()
     (mcts / "stats.json").write_text(json.dumps(stats))
@@ -177,7 +178,9 @@ def test_report_describes_the_mcts_labels(tmp_path):
     assert "3 training examples searched" in report and "answered 33.3% of them correctly" in report
     assert "saving 0.00 of 4 layers on average after 4.0 simulations" in report  # (1 + 0 - 1) / 3 saved
     assert "skip 1, execute 10, repeat 1" in report and "2.50x fewer than evaluating" in report
-    assert "| synthetic L1 | 2 | 0.500 | 1.000 | 0.500 | 3.500 |" in report
+    assert "| synthetic L1 | 2 | 0.500 | 0.500 | 0.500 | 3.500 |" in report
+    assert "2 of 3 examples kept. Dropped: 1 for which no path answered correctly" in report
+    assert "and 0 that did not improve on the default" in report and "Improved share 66.7% searched, 100.0% kept" in report
     assert (out / "mcts.png").read_bytes() == (mcts / "layers_saved.png").read_bytes()
 
     missing = subprocess.run([*command, "--mcts-stats", str(tmp_path / "nowhere.json")], capture_output=True, text=True)

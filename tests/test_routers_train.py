@@ -146,6 +146,19 @@ def test_bad_label_rows_are_named(tmp_path):
         routers_train.load_labels(path, NUM_LAYERS, None)
 
 
+def test_rows_without_a_correct_path_are_no_supervision(tmp_path):
+    rows = learnable_labels(4)
+    rows[1]["reward"], rows[2]["reward"] = 0.0, 1.0
+    write_labels(tmp_path / "labels.jsonl", rows)
+    examples = routers_train.load_labels(tmp_path / "labels.jsonl", NUM_LAYERS, None)
+    assert [e.id for e in examples] == [rows[i]["id"] for i in (0, 2, 3)]
+    for row in rows:
+        row["reward"] = 0.0
+    write_labels(tmp_path / "labels.jsonl", rows)
+    with pytest.raises(RadialError, match="no label row has a correct path"):
+        routers_train.load_labels(tmp_path / "labels.jsonl", NUM_LAYERS, None)
+
+
 def test_prompts_are_looked_up_by_id_in_the_data(tmp_path):
     data = tmp_path / "data" / "synthetic"
     data.mkdir(parents=True)

@@ -21,7 +21,7 @@ rule mcts_shard:
     params:
         shard=mcts_shard_flags,
         progress="results/mcts/progress/{scatteritem}.jsonl",
-        flags=section_flags("mcts", exclude=["shards"]),
+        flags=section_flags("mcts", exclude=["shards", "improved_share"]),
         common=common_flags(),
     threads: 1
     resources:
@@ -46,8 +46,9 @@ rule mcts:
     benchmark:
         "benchmarks/mcts/gather.tsv"
     params:
+        label_set=cli_flags({"improved_share": config["mcts"]["improved_share"]}),
         common=common_flags(),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial mcts gather {input} --out-dir results/mcts {params.common} > {log} 2>&1"
+        "python -m radial mcts gather {input} --out-dir results/mcts {params.label_set} {params.common} > {log} 2>&1"

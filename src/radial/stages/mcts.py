@@ -17,8 +17,13 @@ progress file starts with a fingerprint of everything the labels depend on (mode
 rows, search settings, seed, shard); a progress file with another fingerprint is started over.
 The shard's `--out` is written atomically once the shard is complete.
 
-`gather` merges the shards (checking that no example is missing or duplicated) into
-labels.jsonl, stats.json and layers_saved.png.
+`gather` merges the shards (checking that no example is missing or duplicated) and keeps the
+label set the routers train on (Dr.LLM's data generation, `select_label_set`): examples for which
+no path answered correctly are dropped, and when fewer than `--improved-share` of the rest improved
+on the default path, examples that did not are dropped at random (seeded) until that share is
+reached. It writes labels.jsonl (the kept examples), stats.json (the figures of every searched
+example, and under "label_set" what was kept and why) and layers_saved.png. The shard files keep
+every searched example.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -75,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gather = actions.add_parser("gather", help="merge shard labels into labels.jsonl, stats.json and a plot")
     gather.add_argument("shard_files", nargs="+", type=Path, help="the shards' jsonl files")
     gather.add_argument("--out-dir", type=Path, required=True, help="where labels.jsonl, stats.json, the plot go")
+    settings.add_setting(gather, "mcts.improved_share")
     settings.add_common_arguments(gather)
 
 
@@ -315,6 +322,39 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def improved(label: dict) -> bool:
+    """The search found a correct path better than the default: shorter, or correct where it was wrong."""
+    if not label["reward"]:
+        return False
+    return not label["default_correct"] or len(label["path"]) < label["num_layers"]
+
+
+def select_label_set(labels: list[dict], improved_share: float, seed: int) -> tuple[list[dict], dict]:
+    """The examples the routers train on (in the given order), and a record of what was dropped and why."""
+    solved = [x for x in labels if x["reward"]]
+    num_improved = sum(map(improved, solved))
+    unimproved = [i for i, x in enumerate(solved) if not improved(x)]
+    dropped: set[int] = set()
+    if solved and num_improved < improved_share * len(solved):
+        # Keep every improved example and as many others as the share allows.
+        allowed = math.floor(num_improved * (1 - improved_share) / improved_share)
+        rng = random.Random(f"radial-mcts-label-set/{seed}")
+        dropped = set(rng.sample(unimproved, len(unimproved) - allowed))
+    kept = [x for i, x in enumerate(solved) if i not in dropped]
+    record = {
+        "searched": len(labels),
+        "kept": len(kept),
+        "dropped_no_correct_path": len(labels) - len(solved),
+        "dropped_for_enrichment": len(dropped),
+        "improved_share_target": improved_share,
+        "improved_share_searched": num_improved / len(labels) if labels else 0.0,
+        "improved_share_kept": num_improved / len(kept) if kept else 0.0,
+        "mean_layers_saved_kept": _mean([x["layers_saved"] for x in kept]),
+        "class_counts_kept": summarize(kept)["class_counts"] if kept else {},
+    }
+    return kept, record
+
+
 def summarize(labels: list[dict]) -> dict:
     """Class counts, fraction improved, layers saved (overall and per task/level group)."""
     if not labels:
@@ -324,11 +364,6 @@ def summarize(labels: list[dict]) -> dict:
     for label in labels:
         for layer, value in enumerate(label["layer_labels"]):
             per_layer[layer][value] += 1
-
-    def improved(label: dict) -> bool:
-        if not label["reward"]:
-            return False
-        return not label["default_correct"] or len(label["path"]) < label["num_layers"]
 
     def figures(group: list[dict]) -> dict:
         return {
@@ -443,16 +478,23 @@ def run_gather(args: argparse.Namespace) -> int:
     from radial import tracking
 
     labels = gather_labels(args.shard_files)
-    stats = summarize(labels)
+    kept, label_set = select_label_set(labels, args.improved_share, args.seed)
+    if not kept:
+        raise RadialError(
+            f"no example of {len(labels)} searched has a correct path: nothing to train routers on "
+            "(more examples, more simulations, or an easier task)"
+        )
+    stats = summarize(labels) | {"label_set": label_set}
     with tracking.stage_run("mcts", args, config={"shards": len(args.shard_files)}) as run:
         # One file at a time (each atomically): the folder also holds the shards and progress files.
-        write_jsonl(args.out_dir / "labels.jsonl", labels)
+        write_jsonl(args.out_dir / "labels.jsonl", kept)
         write_json(args.out_dir / "stats.json", stats)
         with atomic_path(args.out_dir / PLOT_NAME) as tmp:
             plot_summary(tmp, stats, labels)
         import wandb
 
         run.summary.update({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
+        run.summary.update({f"label_set/{k}": v for k, v in label_set.items() if not isinstance(v, dict)})
         run.log({f"class_counts/{k}": v for k, v in stats["class_counts"].items()})
         columns = ["id", "task", "level", "path", "reward", "default_correct", "simulations", "layers_saved"]
         run.log({"labels": wandb.Table(columns=columns, data=[[str(x.get(c)) for c in columns] for x in labels])})
@@ -460,8 +502,10 @@ def run_gather(args: argparse.Namespace) -> int:
         outputs = [args.out_dir / "labels.jsonl", args.out_dir / "stats.json", args.out_dir / PLOT_NAME]
         tracking.log_artifact(run, f"{args.run_name}-mcts", "labels", outputs)
     print(
-        f"{stats['examples']} labels: mean layers saved {stats['mean_layers_saved']:.2f}, "
-        f"improved {stats['fraction_improved']:.0%}, classes {stats['class_counts']}, "
-        f"prefix sharing eval_reduction={stats['eval_reduction']} -> {args.out_dir}"
+        f"{stats['examples']} examples searched: mean layers saved {stats['mean_layers_saved']:.2f}, "
+        f"improved {stats['fraction_improved']:.0%}, prefix sharing eval_reduction={stats['eval_reduction']}; "
+        f"label set {label_set['kept']} kept ({label_set['dropped_no_correct_path']} without a correct path "
+        f"and {label_set['dropped_for_enrichment']} for enrichment dropped), classes {label_set['class_counts_kept']} "
+        f"-> {args.out_dir}"
     )
     return 0

@@ -204,6 +204,19 @@ def mcts_section(stats: dict, image: str | None) -> list[str]:
             f" Prefix sharing: {stats['block_evaluations']:,} block evaluations, {stats['eval_reduction']:.2f}x "
             "fewer than evaluating every simulated path from scratch."
         )
+    label_set = stats.get("label_set")
+    if label_set:
+        kept_counts = label_set.get("class_counts_kept", {})
+        lines += [
+            "",
+            f"Label set (what the routers train on): {label_set['kept']:,} of {label_set['searched']:,} examples kept. "
+            f"Dropped: {label_set['dropped_no_correct_path']:,} for which no path answered correctly (no supervision), "
+            f"and {label_set['dropped_for_enrichment']:,} that did not improve on the default, so that at least "
+            f"{label_set['improved_share_target']:.0%} of the set improved on it (Dr.LLM's enrichment; "
+            f"`mcts.improved_share`). Improved share {label_set['improved_share_searched']:.1%} searched, "
+            f"{label_set['improved_share_kept']:.1%} kept; {label_set['mean_layers_saved_kept']:.2f} layers saved on average. "
+            "Per-layer labels kept: " + ", ".join(f"{name} {count:,}" for name, count in kept_counts.items()) + ".",
+        ]
     rows = [
         [name, group["examples"], group["default_accuracy"], group["label_accuracy"], group["mean_layers_saved"],
          group["mean_simulations"]]

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "data_dir", "normalized data, to look prompts up by id when a label row has none", required=False
     )
     settings.add_path_argument(parser, "out", "routed model folder to write (atomically)")
-    for name in ("bottleneck", "windows", "focal_gamma", "class_beta", "val_fraction", "max_length", "correct_only"):
+    for name in ("bottleneck", "windows", "focal_gamma", "class_beta", "val_fraction", "max_length"):
         settings.add_setting(parser, f"routers.{name}")
     parser.add_argument("--feature-batch-size", type=int, default=32, help="prompts per teacher-forced forward")
     settings.add_device_argument(parser)
@@ -75,13 +75,11 @@ class LabelledExample:
     level: int | None = None
 
 
-def load_labels(
-    path: Path, num_layers: int, data_dir: Path | None, correct_only: bool = False
-) -> list[LabelledExample]:
+def load_labels(path: Path, num_layers: int, data_dir: Path | None) -> list[LabelledExample]:
     """Read and check the label rows; take each prompt from the row or from the data by id.
 
-    MCTS labels an example it never answered correctly with the dense path (reward 0); those rows
-    are kept (they teach the routers when not to skip) unless `correct_only`.
+    A row whose search found no correct path (reward 0) is no supervision: the MCTS gather drops
+    those, and rows of label files written otherwise are skipped here too.
     """
     if not Path(path).is_file():
         raise RadialError(f"labels not found: {path}")
@@ -99,14 +97,14 @@ def load_labels(
             raise RadialError(
                 f"{path}:{line}: layer_labels must be {num_layers} values in 0 (skip), 1 (execute), 2 (repeat); got {labels}"
             )
-        if correct_only and not row.get("reward", 1.0):
+        if not row.get("reward", 1.0):
             continue
         prompt = row.get("prompt")
         if prompt is None:
             prompt = _prompt_from_data(row, data_dir, lookup, f"{path}:{line}")
         examples.append(LabelledExample(str(row["id"]), str(row["task"]), str(prompt), [int(v) for v in labels], row.get("level")))
     if not examples:
-        raise RadialError(f"{path}: no label rows with reward > 0 (--correct-only)")
+        raise RadialError(f"{path}: no label row has a correct path (reward > 0)")
     return examples
 
 
@@ -260,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
     routed.requires_grad_(False)
     num_layers, hidden_size = routed.num_layers, routed.text_config.hidden_size
 
-    examples = load_labels(args.labels, num_layers, args.data_dir, args.correct_only)
+    examples = load_labels(args.labels, num_layers, args.data_dir)
     train_examples, val_examples = split_validation(examples, args.val_fraction, args.seed)
     train_labels = torch.tensor([e.labels for e in train_examples])
     counts = [int((train_labels == c).sum()) for c in range(NUM_ACTIONS)]
