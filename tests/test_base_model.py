@@ -137,6 +137,29 @@ def test_training_is_deterministic_for_a_seed(tmp_path, data_dir):
     assert not all(torch.equal(first[name], other_seed[name]) for name in first)
 
 
+def test_layer_drop_leaves_out_deeper_layers_more_often_and_is_seeded(tmp_path, data_dir):
+    from radial.stages.base_model import layer_drop_rates
+
+    assert layer_drop_rates(5, 0.2) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    assert layer_drop_rates(1, 0.5) == [0.0]
+
+    def pretrain(out: Path, layer_drop: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        flags = ["--data-dir", str(data_dir), "--steps", "30", "--eval-examples-per-level", "1", "--layer-drop", layer_drop]
+        assert radial_main(["base-model", "--out", str(out), *QUICK_FLAGS, *flags]) == 0
+        return json.loads((out / "radial_base.json").read_text())["train"], load_file(out / "model.safetensors")
+
+    (full, _), (dropped, weights), (again, same_weights) = (
+        pretrain(tmp_path / "full", "0"), pretrain(tmp_path / "drop", "0.9"), pretrain(tmp_path / "again", "0.9")
+    )
+    assert full["mean_layers_per_step"] == 4 and full["layer_drop"] == 0
+    # Expected layers per step with rates 0, 0.3, 0.6, 0.9: 4 - 1.8 = 2.2 (30 steps: well below 4).
+    assert 1.5 < dropped["mean_layers_per_step"] < 3.2
+    assert again == dropped | {"wall_time_s": again["wall_time_s"]}
+    assert all(torch.equal(weights[name], same_weights[name]) for name in weights)
+
+
 def test_local_model_is_copied_exactly(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,7 +9,10 @@ Either way the stage writes one HF-format folder (config, safetensors weights, t
 The embedded default is a deep, narrow Llama trained from scratch on CPU in minutes: a byte-level
 BPE tokenizer trained on the corpus (radial.corpus), then a plain AdamW loop (cosine schedule with
 warmup, betas 0.9/0.95) over synthetic arithmetic questions, one per row, with steps of packed
-benchmark English mixed in. Afterwards the model answers the synthetic test questions greedily,
+benchmark English mixed in. With `--layer-drop p` each step leaves layer l out with probability
+p·l/(L−1) (LayerDrop with LayerSkip's depth schedule): pretrained LLMs have redundant late layers,
+which a small model trained briefly does not grow on its own, and layer routing has nothing to
+save without them. Afterwards the model answers the synthetic test questions greedily,
 the way lm-eval's `generate_until` will, and the per-level accuracy goes into `radial_base.json`.
 
 That loop (`pretrain`) is deliberately not the DeepSpeed harness the fine-tuning stages share
@@ -228,11 +231,21 @@ def pretrain(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], args: 
     model.train()
     losses: list[float] = []
     tokens_seen = 0
+    layers_run = 0
+    all_layers = model.model.layers
+    drop_rates = layer_drop_rates(len(all_layers), args.layer_drop)
+    drops = random.Random(f"radial-layer-drop/{args.seed}")
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="pre-training", unit="step")
     for step in progress:
         input_ids, labels = next(batches)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        kept = [layer for layer, rate in zip(all_layers, drop_rates) if drops.random() >= rate]
+        layers_run += len(kept)
+        model.model.layers = torch.nn.ModuleList(kept)  # this step's stack (attention is uncached)
+        try:
+            loss = model(input_ids=input_ids, labels=labels).loss
+        finally:
+            model.model.layers = all_layers
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
@@ -249,11 +262,18 @@ def pretrain(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], args: 
     return {
         "steps": args.steps,
         "tokens_seen": tokens_seen,
+        "layer_drop": args.layer_drop,
+        "mean_layers_per_step": layers_run / max(1, args.steps),
         "initial_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "wall_time_s": round(time.perf_counter() - start, 1),
         "losses": losses,
     }
+
+
+def layer_drop_rates(num_layers: int, layer_drop: float) -> list[float]:
+    """LayerSkip's schedule: 0 for the first layer, rising linearly to `layer_drop` for the last."""
+    return [layer_drop * layer / max(1, num_layers - 1) for layer in range(num_layers)]
 
 
 def plot_loss(losses: list[float], path: Path) -> None:
