@@ -447,3 +447,39 @@ def test_routed_examples_get_the_same_path_at_any_batch_size(task, tiny_llama_di
         assert runs[0]["avg_executed_layers"] == pytest.approx(runs[1]["avg_executed_layers"], abs=1e-9), name
         assert runs[1]["unmasked_loglikelihood_rows"] == 0
         assert 0 < runs[1]["avg_executed_layers"], name
+
+
+def test_several_tasks_in_one_process_equal_each_task_alone(tiny_llama_dir, tiny_tokenizer, data_dir, tmp_path, capsys):
+    """One process, one model load, one JSON per task: the same records as separate runs; a skip bias moves the knob."""
+    from radial.routing import RandomTokenRouter, RoutedForCausalLM
+
+    folder = tmp_path / "token-routed"
+    RoutedForCausalLM.from_base(str(tiny_llama_dir), router=RandomTokenRouter(4, fraction=0.5, seed=3)).save_pretrained(
+        folder
+    )
+    tiny_tokenizer.save_pretrained(folder)
+    common = ["--limit", "6", "--max-gen-toks", "8", "--batch-size", "4"]
+    alone = {
+        "arc_easy": _evaluate(folder, data_dir, "arc_easy", tmp_path / "alone-arc.json", *common),
+        "synthetic": _evaluate(folder, data_dir, "synthetic", tmp_path / "alone-syn.json", *common, "--limit", "2"),
+    }
+    argv = ["evaluate", "--model", str(folder), "--variant", "radial", "--task", "arc_easy", "synthetic",
+            "--data-dir", str(data_dir), "--out", str(tmp_path / "together" / "{task}.json"), *common,
+            "--limit-per-task", "synthetic=2", "--num-fewshot", "arc_easy=0", "synthetic=0"]  # fmt: skip
+    assert radial_main(argv) == 0
+    for task, record in alone.items():
+        together = json.loads((tmp_path / "together" / f"{task}.json").read_text())
+        assert together["task"] == task and together["limit"] == record["limit"]
+        for key in ("accuracy", "avg_executed_layers", "n_examples", "num_fewshot", "subtasks"):
+            assert together[key] == record[key], (task, key)
+
+    fewer = _evaluate(folder, data_dir, "arc_easy", tmp_path / "biased.json", *common, "--skip-bias", "0.3")
+    assert fewer["avg_executed_layers"] < alone["arc_easy"]["avg_executed_layers"] - 0.5  # 0.5 -> 0.2 of 4 layers
+
+    capsys.readouterr()
+    argv[argv.index("--out") + 1] = str(tmp_path / "one.json")
+    assert radial_main(argv) == 2
+    assert "with several tasks, --out must hold {task}" in capsys.readouterr().err
+    assert radial_main(["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "arc_easy",
+                        "--data-dir", str(data_dir), "--out", str(tmp_path / "x.json"), "--skip-bias", "1"]) == 2  # fmt: skip
+    assert "--skip-bias: the model is not routed" in capsys.readouterr().err

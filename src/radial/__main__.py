@@ -26,7 +26,7 @@ STAGES = {
     "soft": ("radial.stages.baselines.soft", "SoFT baseline: sorted fine-tuning of nested sub-models (shared norm and head)"),
     "soft-exit": ("radial.stages.baselines.soft_exit", "SoFT variants: a fixed exit depth or a confidence-threshold early exit"),
     "dlo": ("radial.stages.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
-    "evaluate": ("radial.stages.evaluate", "evaluate one model variant on one task with the stock lm-evaluation-harness"),
+    "evaluate": ("radial.stages.evaluate", "evaluate one model variant on one or more tasks with the stock lm-evaluation-harness"),
     "report": ("radial.stages.report", "collect evaluations and profiling plots into report.md and table.csv"),
 }
 

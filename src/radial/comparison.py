@@ -1,8 +1,10 @@
 """The comparison part of the report: methods, the accuracy-depth Pareto plot, equal-depth pairs, prose.
 
 Variant names say which method made them (radial.variants): `dense`, `shortgpt-k{k}`,
-`soft-exit{n}`, `soft-conf{t}`, `dlo-c{c}`, `routers`/`routers-b{budget}`, `radial`, and any
-other name is its own method (its prefix before the first "-"). Two baselines are *static curves*: ShortGPT
+`soft-exit{n}`, `soft-conf{t}`, `dlo-c{c}`, `routers`/`routers-b{bias}`, `radial`/`radial-b{bias}`, and
+any other name is its own method (its prefix before the first "-"). A method evaluated at several
+points of its knob is drawn as a curve (dotted), every point compared at its own depth. Two
+baselines are *static curves*: ShortGPT
 (pruned depth L−k, with dense as k = 0) and SoFT's fixed exits, one accuracy per depth. Every
 other non-dense variant (routed models, SoFT's confidence exit, DLO) is compared with those curves
 at its own measured average depth, the curve's accuracy interpolated linearly between the two
@@ -73,7 +75,7 @@ def variant_sort_key(variant: str) -> tuple:
     """dense first, then the methods in METHODS order (others after), each by its parameter."""
     method = method_of(variant)
     rank = list(METHODS).index(method) if method in METHODS else len(METHODS)
-    number = re.findall(r"[\d.]+$", variant)
+    number = re.findall(r"(?<=-b)-?[\d.]+$|[\d.]+$", variant)  # routers-b-1: -1
     try:
         parameter = float(number[0]) if number else 0.0
     except ValueError:
@@ -191,6 +193,9 @@ def plot_pareto(table: pd.DataFrame, path: Path, title: str) -> None:
             if method in STATIC_CURVES:  # the curve over depth (ShortGPT's starts at dense, k = 0)
                 curve = curve_points(table, task, method)
                 ax.plot(curve.avg_executed_layers, curve.accuracy, linestyle="-", color=style.color, alpha=0.6)
+            elif len(points) > 1:  # a dynamic method swept over its knob (thresholds, skip biases)
+                curve = points.sort_values("avg_executed_layers")
+                ax.plot(curve.avg_executed_layers, curve.accuracy, linestyle=":", color=style.color, alpha=0.8)
             ax.plot(points.avg_executed_layers, points.accuracy, marker=style.marker, linestyle="none",
                     color=style.color, markersize=11 if method == "dense" else 6, label=style.label, alpha=0.9,
                     zorder=4 if method == "dense" else 3)

@@ -9,7 +9,9 @@ variant name is also its model folder under results/models/ and its wildcard:
                soft-conf{t}         baselines.soft.thresholds   SoFT confidence early exit
     dlo        dlo-c{capacity}      baselines.dlo.capacity      DLO-style token skipping
     routers    routers                                          Dr.LLM routers on the MCTS labels
+               routers-b{bias}      evaluate.skip_biases.routers   the same routers, skip logit + bias
     radial     radial                                           the distilled token-routed student
+               radial-b{bias}       evaluate.skip_biases.radial    the same student, gate threshold + bias
 
 Adding a value to a sweep list adds one variant: only its model folder, its evaluations and the
 report are (re)made. Numbers print with `:g` (0.9 -> "0.9", 1.0 -> "1").
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from radial.utils import RadialError
 
 BASELINE_VARIANT = re.compile(r"^(shortgpt-k\d+|soft-exit\d+|soft-conf\d+(\.\d+)?|dlo-c0?\.\d+)$")
+KNOB_VARIANT = re.compile(r"^(routers|radial)-b(-?\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
 
 def number(value: float) -> str:
@@ -59,9 +62,21 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "soft": lambda config: [f"soft-exit{n}" for n in soft_exits(config)]
     + [f"soft-conf{number(t)}" for t in config["baselines"]["soft"]["thresholds"]],
     "dlo": lambda config: [f"dlo-c{number(c)}" for c in config["baselines"]["dlo"]["capacity"]],
-    "routers": lambda config: ["routers"],
-    "radial": lambda config: ["radial"],
+    "routers": lambda config: ["routers"] + knob_variants(config, "routers"),
+    "radial": lambda config: ["radial"] + knob_variants(config, "radial"),
 }
+
+
+def knob_variants(config: dict[str, Any], family: str) -> list[str]:
+    """<family>-b<bias> for each of evaluate.skip_biases.<family> (bias 0 is the family's own variant)."""
+    biases = config["evaluate"].get("skip_biases", {}).get(family, [])
+    return [f"{family}-b{number(bias)}" for bias in biases if bias != 0]
+
+
+def knob_setting(variant: str) -> tuple[str, float] | None:
+    """("routers", 1.0) for "routers-b1": the trained variant evaluated and its skip-bias shift; None otherwise."""
+    match = KNOB_VARIANT.match(variant)
+    return None if match is None else (match.group(1), float(match.group(2)))
 
 
 def evaluation_variants(config: dict[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.utils import RadialError
-from radial.variants import evaluation_variants, is_baseline_variant, soft_exits
+from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
 
 
 try:
@@ -105,9 +105,23 @@ def base_model_flags(wildcards):
 def variant_model(wildcards):
     if is_baseline_variant(wildcards.variant):
         return f"results/models/{wildcards.variant}"
+    knob = knob_setting(wildcards.variant)  # routers-b1: the routers' folder, evaluated at another skip bias
+    trained = knob[0] if knob else wildcards.variant
     return {"dense": "results/models/dense", "routers": "results/models/routers", "radial": "results/models/radial"}[
-        wildcards.variant
+        trained
     ]
+
+
+def knob_flags(wildcards):
+    knob = knob_setting(wildcards.variant)
+    return cli_flags({"skip_bias": knob[1]}) if knob else ""
+
+
+def eval_task_flags():
+    """Every evaluated task's limit and few-shot count (evaluate.limit, .limit_per_task, .num_fewshot)."""
+    overrides = [f"{task}={eval_limit(task)}" for task in EVAL_TASKS if eval_limit(task) != config["evaluate"]["limit"]]
+    fewshot = [f"{task}={config['evaluate']['num_fewshot'][task]}" for task in EVAL_TASKS]
+    return cli_flags({"limit": config["evaluate"]["limit"], "limit_per_task": overrides or None, "num_fewshot": fewshot})
 
 
 def mcts_stats_for_report(wildcards):

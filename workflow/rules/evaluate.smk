@@ -1,20 +1,26 @@
+# One job per variant evaluates every task in one process, the model loaded once (radial evaluate
+# takes several tasks and writes one JSON each). A knob variant (routers-b1, radial-b-0.5) is its
+# trained model evaluated at another skip bias.
 rule evaluate:
     input:
         model=variant_model,
         reference="results/models/dense",
-        data="results/data/{task}",
+        data=expand("results/data/{task}", task=EVAL_TASKS),
     output:
-        "results/eval/{variant}/{task}.json",
+        expand("results/eval/{{variant}}/{task}.json", task=EVAL_TASKS),
     log:
-        "logs/evaluate/{variant}/{task}.log",
+        "logs/evaluate/{variant}.log",
     benchmark:
-        "benchmarks/evaluate/{variant}/{task}.tsv"
+        "benchmarks/evaluate/{variant}.tsv"
     params:
-        task_flags=lambda wildcards: cli_flags(
-            {"limit": eval_limit(wildcards.task), "num_fewshot": config["evaluate"]["num_fewshot"][wildcards.task]}
-        ),
+        tasks=" ".join(EVAL_TASKS),
+        out=lambda wildcards: shlex.quote(f"results/eval/{wildcards.variant}/{{task}}.json"),
+        knob=knob_flags,
+        task_flags=eval_task_flags(),
         # the evaluate section's other keys pick the jobs (variants, tasks, timing), not the stage's flags
-        flags=section_flags("evaluate", exclude=["variants", "tasks", "limit", "limit_per_task", "num_fewshot", "timing"]),
+        flags=section_flags(
+            "evaluate", exclude=["variants", "tasks", "limit", "limit_per_task", "num_fewshot", "timing", "skip_biases"]
+        ),
         common=common_flags(),
     # Each job times its variant against the dense model (--reference-model) for the report's
     # speedups. "exclusive": each job takes every core, so no other job runs beside it and slows it
@@ -25,6 +31,6 @@ rule evaluate:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m radial evaluate --model {input.model} --variant {wildcards.variant} --task {wildcards.task}"
-        " --data-dir results/data --out {output} --reference-model {input.reference}"
-        " {params.task_flags} {params.flags} {params.common} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m radial evaluate --model {input.model} --variant {wildcards.variant}"
+        " --task {params.tasks} --data-dir results/data --out {params.out} --reference-model {input.reference}"
+        " {params.knob} {params.task_flags} {params.flags} {params.common} > {log} 2>&1"

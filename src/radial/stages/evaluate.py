@@ -1,6 +1,14 @@
-"""Evaluate one model variant on one task with the stock lm-evaluation-harness.
+"""Evaluate one model variant on one or more tasks with the stock lm-evaluation-harness.
 
     python -m radial evaluate --model DIR --variant NAME --task TASK --data-dir DATA --out FILE.json
+    python -m radial evaluate --model DIR --variant NAME --task arc_easy mmlu synthetic \
+        --limit 100 --limit-per-task mmlu=5 --data-dir DATA --out 'results/eval/NAME/{task}.json'
+
+Several tasks run one after the other in one process, on the model loaded once; each writes its
+own JSON (the `{task}` of --out), exactly as if evaluated alone (the seed is set again per task).
+`--skip-bias` evaluates a routed model at another point of its compute knob without retraining:
+it is added to the skip logits of Dr.LLM routers and subtracted from the logits of token gates
+(positive: fewer layers), over the bias the model was saved with.
 
 The model is loaded once with transformers and handed to lm-eval as an already-built model
 (`HFLM(pretrained=model)`), so a routed or pruned model is evaluated through its own forward,
@@ -50,12 +58,23 @@ _SAMPLE_KEYS = ("doc_id", "filter", "prompt_hash", "target", "resps", "filtered_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_path_argument(parser, "model")
     parser.add_argument("--variant", required=True, help="name of the model variant, e.g. dense, routed, shortgpt")
-    parser.add_argument("--task", required=True, choices=sorted(TASK_SPECS), help="task to evaluate on")
+    parser.add_argument(
+        "--task", required=True, nargs="+", choices=sorted(TASK_SPECS), help="tasks to evaluate on (model loaded once)"
+    )
     settings.add_path_argument(parser, "data_dir")
-    settings.add_path_argument(parser, "out", "evaluation JSON to write")
+    settings.add_path_argument(parser, "out", "evaluation JSON to write; with several tasks a path holding {task}")
     settings.add_setting(parser, "evaluate.limit")
     parser.add_argument(
-        "--num-fewshot", type=int, default=None, help="few-shot examples (default: config key evaluate.num_fewshot.<task>)"
+        "--limit-per-task", nargs="+", default=[], metavar="TASK=N",
+        help="config key evaluate.limit_per_task: --limit for single tasks",
+    )
+    parser.add_argument(
+        "--num-fewshot", nargs="+", default=[], metavar="N|TASK=N",
+        help="few-shot examples, for every task or per task (default: config key evaluate.num_fewshot.<task>)",
+    )
+    parser.add_argument(
+        "--skip-bias", type=float, default=None,
+        help="routed models: shift the skip decisions by this much (positive: fewer layers) over the saved bias",
     )
     settings.add_setting(parser, "evaluate.batch_size")
     settings.add_device_argument(parser, "evaluate.device")
@@ -77,54 +96,114 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from radial import tracking
 
-    spec = TASK_SPECS[args.task]
-    if args.num_fewshot is None:
-        args.num_fewshot = settings.default(f"evaluate.num_fewshot.{args.task}")
+    tasks = list(dict.fromkeys(args.task))
+    plans = [task_arguments(args, task, len(tasks)) for task in tasks]
     with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
-        seed_everything(args.seed)
-        eval_tasks.materialize(args.data_dir, tasks_dir, [args.task])  # bad data fails before a long model load
+        eval_tasks.materialize(args.data_dir, tasks_dir, tasks)  # bad data fails before a long model load
         model, tokenizer = load_model(args.model, args.device)
-        gen_kwargs = generation_overrides(args.task, args.max_gen_toks, _context_length(model, tokenizer))
-        with LayerCounter(model, record_batches=args.timing_batches) as counter:
-            start = time.perf_counter()
-            results = run_lm_eval(
-                model,
-                tokenizer,
-                spec.lm_eval_name,
-                tasks_dir,
-                limit=args.limit,
-                num_fewshot=args.num_fewshot,
-                batch_size=args.batch_size,
-                gen_kwargs=gen_kwargs,
-                seed=args.seed,
-                log_samples=args.log_samples,
-            )
-            wall_time_s = time.perf_counter() - start
-        evaluation = summarize(results, spec, args, model, counter, wall_time_s)
-        if args.reference_model is not None:
-            evaluation["timing"] = paired_timing(model, args, spec.generates, counter.recorded, tokenizer)
-        write_json(args.out, evaluation)
-        print(
-            f"{args.variant} on {args.task}: {evaluation['metric']} = {evaluation['accuracy']:.4f} "
-            f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s, of which model forwards "
-            f"{evaluation['forward_time_s']:.1f} s over {evaluation['forward_tokens']} tokens)"
-            + (f"; {evaluation['timing']['speedup']:.2f}x the reference" if "timing" in evaluation else "")
-        )
-
-        metrics = {
-            "accuracy": evaluation["accuracy"],
-            "avg_executed_layers": evaluation["avg_executed_layers"],
-            "wall_time_s": wall_time_s,
-            "forward_time_s": evaluation["forward_time_s"],
-            "n_examples": evaluation["n_examples"],
-        }
-        if "timing" in evaluation:
-            metrics["speedup_vs_reference"] = evaluation["timing"]["speedup"]
-        metrics |= {f"subtasks/{name}": value for name, value in evaluation["subtasks"].items()}
-        run.log(metrics)
-        run.summary.update(metrics)
-        tracking.log_artifact(run, f"evaluation-{args.variant}-{args.task}", "evaluation", [args.out])
+        if args.skip_bias is not None:
+            shift_skip_bias(model, args.skip_bias)
+        references: dict = {}
+        for task_args in plans:
+            evaluation = evaluate_task(model, tokenizer, task_args, tasks_dir, references)
+            metrics = {
+                "accuracy": evaluation["accuracy"],
+                "avg_executed_layers": evaluation["avg_executed_layers"],
+                "wall_time_s": evaluation["wall_time_s"],
+                "forward_time_s": evaluation["forward_time_s"],
+                "n_examples": evaluation["n_examples"],
+            }
+            if "timing" in evaluation:
+                metrics["speedup_vs_reference"] = evaluation["timing"]["speedup"]
+            metrics |= {f"subtasks/{name}": value for name, value in evaluation["subtasks"].items()}
+            metrics = {f"{task_args.task}/{key}": value for key, value in metrics.items()}
+            run.log(metrics)
+            run.summary.update(metrics)
+            tracking.log_artifact(run, f"evaluation-{args.variant}-{task_args.task}", "evaluation", [task_args.out])
     return 0
+
+
+def task_arguments(args: argparse.Namespace, task: str, num_tasks: int) -> argparse.Namespace:
+    """This task's arguments: its output file, its limit and its few-shot count."""
+    out = str(args.out)
+    if num_tasks > 1 and "{task}" not in out:
+        raise RadialError(f"--out {out}: with several tasks, --out must hold {{task}} (e.g. results/eval/x/{{task}}.json)")
+    limit = args.limit
+    for key, value in _task_values("--limit-per-task", args.limit_per_task, args.task).items():
+        if key == task:
+            limit = value
+    fewshot = settings.default(f"evaluate.num_fewshot.{task}")
+    for key, value in _task_values("--num-fewshot", args.num_fewshot, args.task, allow_all=True).items():
+        if key in (task, None):
+            fewshot = value
+    if limit is not None and limit < 1:
+        raise RadialError(f"--limit for {task}: {limit} is not a positive number of examples")
+    if fewshot < 0:
+        raise RadialError(f"--num-fewshot for {task}: {fewshot} is negative")
+    return argparse.Namespace(**{**vars(args), "task": task, "limit": limit, "num_fewshot": fewshot,
+                                 "out": Path(out.replace("{task}", task))})
+
+
+def _task_values(flag: str, entries: list[str], tasks: list[str], allow_all: bool = False) -> dict[str | None, int]:
+    """["mmlu=5", "gsm8k=50"] -> {"mmlu": 5, "gsm8k": 50}; a bare "3" (allow_all) -> {None: 3}."""
+    values: dict[str | None, int] = {}
+    for entry in entries:
+        task, _, number = entry.rpartition("=")
+        if not task and not allow_all:
+            raise RadialError(f"{flag} {entry}: expected TASK=N")
+        if task and task not in TASK_SPECS:
+            raise RadialError(f"{flag} {entry}: unknown task {task!r} (known: {', '.join(sorted(TASK_SPECS))})")
+        try:
+            values[task or None] = int(number)
+        except ValueError:
+            raise RadialError(f"{flag} {entry}: {number!r} is not a whole number") from None
+    return values
+
+
+def evaluate_task(model, tokenizer, args: argparse.Namespace, tasks_dir: str, references: dict) -> dict[str, Any]:
+    """Evaluate one task (args.task) on the loaded model, write its JSON and return it."""
+    spec = TASK_SPECS[args.task]
+    seed_everything(args.seed)  # as if the task ran alone
+    if callable(getattr(model, "reset_layer_counter", None)):
+        model.reset_layer_counter()
+    gen_kwargs = generation_overrides(args.task, args.max_gen_toks, _context_length(model, tokenizer))
+    with LayerCounter(model, record_batches=args.timing_batches) as counter:
+        start = time.perf_counter()
+        results = run_lm_eval(
+            model,
+            tokenizer,
+            spec.lm_eval_name,
+            tasks_dir,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            gen_kwargs=gen_kwargs,
+            seed=args.seed,
+            log_samples=args.log_samples,
+        )
+        wall_time_s = time.perf_counter() - start
+    evaluation = summarize(results, spec, args, model, counter, wall_time_s)
+    if args.reference_model is not None:
+        evaluation["timing"] = paired_timing(model, args, spec.generates, counter.recorded, tokenizer, references)
+    write_json(args.out, evaluation)
+    print(
+        f"{args.variant} on {args.task}: {evaluation['metric']} = {evaluation['accuracy']:.4f} "
+        f"({evaluation['n_examples']} examples, {wall_time_s:.1f} s, of which model forwards "
+        f"{evaluation['forward_time_s']:.1f} s over {evaluation['forward_tokens']} tokens)"
+        + (f"; {evaluation['timing']['speedup']:.2f}x the reference" if "timing" in evaluation else ""),
+        flush=True,
+    )
+    return evaluation
+
+
+def shift_skip_bias(model, shift: float) -> None:
+    """Move a routed model along its compute knob: skip_bias += shift (positive: fewer layers)."""
+    from dataclasses import replace
+
+    mode = getattr(getattr(model, "config", None), "routing_mode", None)
+    if mode not in ("router", "token") or not hasattr(model, "budget"):
+        raise RadialError(f"--skip-bias: the model is not routed by a router or token gates (routing mode {mode!r})")
+    model.set_budget(replace(model.budget, skip_bias=model.budget.skip_bias + shift))
 
 
 def load_model(model_dir: Path, device: str = "cpu"):
@@ -357,7 +436,9 @@ def _starts_a_sequence(kwargs: dict[str, Any]) -> bool:
     return cache is None or cache.get_seq_length() == 0
 
 
-def paired_timing(model, args: argparse.Namespace, generates: bool, batches: list[dict], tokenizer) -> dict[str, Any]:
+def paired_timing(
+    model, args: argparse.Namespace, generates: bool, batches: list[dict], tokenizer, references: dict | None = None
+) -> dict[str, Any]:
     """Time `model` against the reference model on the same lm-eval batches, alternating, in this process.
 
     Separate processes differ by 10-30 % on the same model at the embedded model's size (thread
@@ -373,8 +454,11 @@ def paired_timing(model, args: argparse.Namespace, generates: bool, batches: lis
 
     if not batches:
         raise RadialError("lm-eval ran no batches to time against the reference model")
-    same = Path(args.reference_model).resolve() == Path(args.model).resolve()
-    reference = model if same else load_model(args.reference_model, args.device)[0]
+    same = Path(args.reference_model).resolve() == Path(args.model).resolve() and args.skip_bias is None
+    references = {} if references is None else references  # loaded once per process
+    if not same and args.reference_model not in references:
+        references[args.reference_model] = load_model(args.reference_model, args.device)[0]
+    reference = model if same else references[args.reference_model]
 
     def replay(which) -> float:
         _synchronize(torch.device(args.device))
