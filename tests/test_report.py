@@ -185,3 +185,28 @@ def test_report_describes_the_mcts_labels(tmp_path):
 
     missing = subprocess.run([*command, "--mcts-stats", str(tmp_path / "nowhere.json")], capture_output=True, text=True)
     assert missing.returncode == 2 and "--mcts-stats" in missing.stderr and "nowhere.json" in missing.stderr
+
+
+def test_a_method_swept_over_its_knob_is_one_curve(tmp_path, monkeypatch):
+    """routers-b<bias> / radial-b<bias> are points of their family's curve, ordered by bias, drawn as one line."""
+    import matplotlib.figure
+
+    from radial.comparison import method_of, plot_pareto, variant_sort_key, with_methods
+
+    variants = ["routers-b1", "radial", "routers", "routers-b-1", "radial-b0.5", "dense"]
+    assert sorted(variants, key=variant_sort_key) == ["dense", "routers-b-1", "routers", "routers-b1", "radial", "radial-b0.5"]
+    assert {method_of(v) for v in variants} == {"dense", "routers", "radial"}
+    table = with_methods(build_table([
+        _evaluation("dense", "synthetic", 0.80, 12, 10.0),
+        _evaluation("routers-b-1", "synthetic", 0.79, 11.5, 9.0),
+        _evaluation("routers", "synthetic", 0.75, 10.0, 8.0),
+        _evaluation("routers-b1", "synthetic", 0.60, 8.0, 7.0),
+        _evaluation("radial", "synthetic", 0.70, 9.0, 7.5),
+    ]))  # fmt: skip
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
+    plot_pareto(table, tmp_path / "pareto.png", "knobs")
+    (ax,) = [ax for ax in saved[0].axes if ax.get_visible()]
+    curves = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert len(curves) == 1  # the routers' three points; radial has one point, no curve
+    assert list(curves[0].get_xdata()) == [8.0, 10.0, 11.5] and list(curves[0].get_ydata()) == [0.60, 0.75, 0.79]
