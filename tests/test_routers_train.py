@@ -41,6 +41,17 @@ def test_class_weights_are_effective_numbers_of_this_runs_counts():
     assert balanced.tolist() == pytest.approx([1.0, 1.0, 1.0])
 
 
+def test_a_class_too_rare_to_learn_is_learned_as_execute():
+    """53 repeats among 11,916 labels (the embedded default's MCTS) fall under 1 %: they become execute."""
+    assert routers_train.rare_classes([1839, 10024, 53], 0.01) == [2]
+    assert routers_train.rare_classes([1839, 10024, 53], 0.0) == []
+    assert routers_train.rare_classes([50, 10000, 50], 0.01) == [0, 2]
+    assert routers_train.rare_classes([0, 100, 0], 0.5) == []  # absent classes have weight 0 already
+    example = routers_train.LabelledExample("x", "synthetic", "1+2=", [0, 1, 2, 2])
+    (skips_kept,) = routers_train.relabel_as_execute([example], [2])
+    assert skips_kept.labels == [0, 1, 1, 1] and example.labels == [0, 1, 2, 2]
+
+
 def test_focal_loss_matches_a_hand_computation():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
     targets = torch.tensor([1, 2])
