@@ -1,6 +1,6 @@
 """Token-level routing speed: does computing only the running tokens really save wall-clock time?
 
-    python bench/token_speed.py [--repeats 7] [--threads N] [--stat median|min]
+    python bench/token_speed.py [--repeats 7] [--threads N] [--stat median|min] [--skip layer|mlp]
 
 For two random-weight Llama shapes (the embedded default read from config.yaml `model.embedded`,
 and a wide one: 6 layers, hidden 768, as in bench/routed_speed.py) we time the base Hugging Face
@@ -15,7 +15,9 @@ Dense and routed runs alternate within each repeat (the first repeat is a warm-u
 medians (or minima, --stat min). The realized speedup is dense time over routed time; the ideal
 is dense FLOPs over routed FLOPs, counted from the gates actually drawn: matmuls of the q, k, v, o
 projections, attention scores and values (each query against the keys it may see), the MLP and
-the LM head, where a skipped token still pays its k and v projections.
+the LM head, where a skipped token still pays its k and v projections. With `--skip mlp` (DLO's
+default granularity) every token runs the attention and the gates pick who runs the MLP: the ideal
+then counts only the MLP as saved.
 
 The last line is `key=value` figures: `token_realized_over_ideal` is the worst realized/ideal over
 the wide prefill cells (the target is >= 0.8); then every cell's ratio. What bounds the ratios:
@@ -118,20 +120,24 @@ class SeededGates(TokenRouter):
         return self.runs(layer_idx, slice(end - hidden_states.shape[1], end)).float() - 0.5
 
 
-def layer_flops(spec: ModelSpec, keys_seen: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per token: (FLOPs a running token pays beyond its k/v projections, FLOPs of the k/v projections).
+def layer_flops(spec: ModelSpec, keys_seen: torch.Tensor, skip: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: (FLOPs only a running token pays, FLOPs every token pays).
 
-    keys_seen[t] is how many keys token t attends to (its cache index + 1).
+    keys_seen[t] is how many keys token t attends to (its cache index + 1). skip="layer": a skipped
+    token still pays its k/v projections; skip="mlp": it pays the whole attention.
     """
     d, h, kv, hd, inter = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.intermediate
-    kv_projections = 2 * d * (2 * kv * hd)
-    q_and_o = 2 * d * h * hd * 2
-    attention = 2 * 2 * h * hd * keys_seen.double()
-    mlp = 2 * 3 * d * inter
-    return q_and_o + attention + mlp, float(kv_projections)
+    kv_projections = torch.full_like(keys_seen, 2 * d * (2 * kv * hd), dtype=torch.float64)
+    attention = 2 * d * h * hd * 2 + 2 * 2 * h * hd * keys_seen.double()  # q and o projections, scores and values
+    mlp = torch.full_like(kv_projections, 2 * 3 * d * inter)
+    if skip == "mlp":
+        return mlp, kv_projections + attention
+    return attention + mlp, kv_projections
 
 
-def ideal_speedup(spec: ModelSpec, gates: SeededGates, phase: str, batch: int, decode_steps: int) -> float:
+def ideal_speedup(
+    spec: ModelSpec, gates: SeededGates, phase: str, batch: int, decode_steps: int, skip: str = "layer"
+) -> float:
     """Dense FLOPs over routed FLOPs for the tokens this cell computes, with the gates as drawn."""
     if phase == "prefill":
         positions = torch.arange(PROMPT_LEN)
@@ -139,11 +145,10 @@ def ideal_speedup(spec: ModelSpec, gates: SeededGates, phase: str, batch: int, d
     else:
         positions = torch.arange(PROMPT_LEN, PROMPT_LEN + decode_steps)
         logit_rows = batch * decode_steps
-    running_cost, kv_cost = layer_flops(spec, positions + 1)
-    tokens = batch * len(positions)
+    running_cost, shared_cost = layer_flops(spec, positions + 1, skip)
     lm_head = 2 * spec.hidden * spec.vocab * logit_rows
-    dense = lm_head + spec.num_layers * (tokens * kv_cost + batch * float(running_cost.sum()))
-    routed = lm_head + spec.num_layers * tokens * kv_cost
+    dense = lm_head + spec.num_layers * batch * float((shared_cost + running_cost).sum())
+    routed = lm_head + spec.num_layers * batch * float(shared_cost.sum())
     for layer in range(spec.num_layers):
         runs = gates.runs(layer, slice(positions[0].item(), positions[-1].item() + 1))[:batch]
         routed += float((runs.double() * running_cost).sum())
@@ -198,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps per repeat")
+    parser.add_argument(
+        "--skip", choices=["layer", "mlp"], default="layer", help="what a gate skips: the layer, or its MLP only (DLO)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stat = statistics.median if args.stat == "median" else min
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             gates = {f: SeededGates(spec.num_layers, batch, f, seed=batch) for f in FRACTIONS}
             models = {"dense": base}
             for fraction, router in gates.items():
-                routed = RoutedForCausalLM.from_base(base, router=router)
+                routed = RoutedForCausalLM.from_base(base, router=router, token_skip=args.skip)
                 if routed.token_execution != "sparse":
                     raise SystemExit(f"token routing is not sparse here: {routed.token_execution}")
                 models[fraction] = routed
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fraction in FRACTIONS:
                     dense_s, sparse_s = seconds[(phase, "dense")], seconds[(phase, fraction)]
                     realized = dense_s / sparse_s
-                    ideal = ideal_speedup(spec, gates[fraction], phase, batch, args.decode_steps)
+                    ideal = ideal_speedup(spec, gates[fraction], phase, batch, args.decode_steps, args.skip)
                     ratio = realized / ideal
                     print(
                         f"{spec.name:9} {phase:8} {batch:5d} {fraction:5.2f} {dense_s * 1e3:9.1f}"
@@ -238,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"token_realized_over_ideal={worst_wide_prefill:.3f} "
         + " ".join(f"{key}={value}" for key, value in figures.items())
         + f" threads={args.threads} repeats={args.repeats} stat={args.stat} decode_steps={args.decode_steps}"
+        + f" skip={args.skip}"
     )
     return 0
 
