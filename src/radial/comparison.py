@@ -286,7 +286,7 @@ def results_section(
     lines.append(
         f"{len(variants)} variants of the {'base model `' + str(base) + '`' if base else 'base model'} "
         f"({num_layers} decoder layers) on {len(tasks)} tasks, each scored by the stock lm-evaluation-harness "
-        "in one process per variant and task:"
+        "in one process per variant (the model loaded once for all its tasks):"
     )
     lines.append("")
     for variant in variants:
