@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from radial.variant_folders import VARIANT_INFO
+from radial.variants import knob_setting
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,9 @@ def results_section(
     for variant in variants:
         info = infos.get(variant, {})
         description = info.get("description") or ("the base model, every layer" if variant == "dense" else "")
+        knob = knob_setting(variant)
+        if knob is not None:  # the trained model of its family, evaluated at another point of its knob
+            description += f"; evaluated with skip bias {knob[1]:+g} over the saved one (positive: fewer layers)"
         lines.append(f"- `{variant}` ({method_label(method_of(variant))}){': ' + description if description else ''}")
     lines.append("")
     limits = []
