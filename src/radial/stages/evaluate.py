@@ -97,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
     from radial import tracking
 
     tasks = list(dict.fromkeys(args.task))
-    plans = [task_arguments(args, task, len(tasks)) for task in tasks]
+    limits = _task_values("--limit-per-task", args.limit_per_task)
+    fewshots = _task_values("--num-fewshot", args.num_fewshot, allow_all=True)
+    plans = [task_arguments(args, task, len(tasks), limits, fewshots) for task in tasks]
     with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
         eval_tasks.materialize(args.data_dir, tasks_dir, tasks)  # bad data fails before a long model load
         model, tokenizer = load_model(args.model, args.device)
@@ -123,19 +125,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def task_arguments(args: argparse.Namespace, task: str, num_tasks: int) -> argparse.Namespace:
-    """This task's arguments: its output file, its limit and its few-shot count."""
+def task_arguments(
+    args: argparse.Namespace, task: str, num_tasks: int, limits: dict[str | None, int], fewshots: dict[str | None, int]
+) -> argparse.Namespace:
+    """This task's arguments: its output file, its limit and its few-shot count (a task's own value
+    over the value for every task, over the config default)."""
     out = str(args.out)
     if num_tasks > 1 and "{task}" not in out:
         raise RadialError(f"--out {out}: with several tasks, --out must hold {{task}} (e.g. results/eval/x/{{task}}.json)")
-    limit = args.limit
-    for key, value in _task_values("--limit-per-task", args.limit_per_task, args.task).items():
-        if key == task:
-            limit = value
-    fewshot = settings.default(f"evaluate.num_fewshot.{task}")
-    for key, value in _task_values("--num-fewshot", args.num_fewshot, args.task, allow_all=True).items():
-        if key in (task, None):
-            fewshot = value
+    limit = limits.get(task, args.limit)
+    fewshot = fewshots.get(task, fewshots.get(None, settings.default(f"evaluate.num_fewshot.{task}")))
     if limit is not None and limit < 1:
         raise RadialError(f"--limit for {task}: {limit} is not a positive number of examples")
     if fewshot < 0:
@@ -144,7 +143,7 @@ def task_arguments(args: argparse.Namespace, task: str, num_tasks: int) -> argpa
                                  "out": Path(out.replace("{task}", task))})
 
 
-def _task_values(flag: str, entries: list[str], tasks: list[str], allow_all: bool = False) -> dict[str | None, int]:
+def _task_values(flag: str, entries: list[str], allow_all: bool = False) -> dict[str | None, int]:
     """["mmlu=5", "gsm8k=50"] -> {"mmlu": 5, "gsm8k": 50}; a bare "3" (allow_all) -> {None: 3}."""
     values: dict[str | None, int] = {}
     for entry in entries:
