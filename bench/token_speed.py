@@ -44,7 +44,8 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from radial.routing import RoutedForCausalLM, TokenRouter
+from radial.routing import RoutedForCausalLM, TokenRouter, flops
+from radial.routing.flops import Shape
 
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "config.yaml"
 VOCAB = 2048
@@ -63,10 +64,6 @@ class ModelSpec:
     intermediate: int
     vocab: int = VOCAB
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
 
 def model_specs() -> list[ModelSpec]:
     embedded = yaml.safe_load(CONFIG_YAML.read_text())["model"]["embedded"]
@@ -84,8 +81,8 @@ def model_specs() -> list[ModelSpec]:
     ]
 
 
-def build(spec: ModelSpec) -> LlamaForCausalLM:
-    config = LlamaConfig(
+def build_config(spec: ModelSpec) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
@@ -95,8 +92,11 @@ def build(spec: ModelSpec) -> LlamaForCausalLM:
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
+
+
+def build(spec: ModelSpec) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(build_config(spec)).eval()
 
 
 class SeededGates(TokenRouter):
@@ -120,39 +120,24 @@ class SeededGates(TokenRouter):
         return self.runs(layer_idx, slice(end - hidden_states.shape[1], end)).float() - 0.5
 
 
-def layer_flops(spec: ModelSpec, keys_seen: torch.Tensor, skip: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token: (FLOPs only a running token pays, FLOPs every token pays).
-
-    keys_seen[t] is how many keys token t attends to (its cache index + 1). skip="layer": a skipped
-    token still pays its k/v projections; skip="mlp": it pays the whole attention.
-    """
-    d, h, kv, hd, inter = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.intermediate
-    kv_projections = torch.full_like(keys_seen, 2 * d * (2 * kv * hd), dtype=torch.float64)
-    attention = 2 * d * h * hd * 2 + 2 * 2 * h * hd * keys_seen.double()  # q and o projections, scores and values
-    mlp = torch.full_like(kv_projections, 2 * 3 * d * inter)
-    if skip == "mlp":
-        return mlp, kv_projections + attention
-    return attention + mlp, kv_projections
-
-
 def ideal_speedup(
     spec: ModelSpec, gates: SeededGates, phase: str, batch: int, decode_steps: int, skip: str = "layer"
 ) -> float:
     """Dense FLOPs over routed FLOPs for the tokens this cell computes, with the gates as drawn."""
-    if phase == "prefill":
-        positions = torch.arange(PROMPT_LEN)
-        logit_rows = batch
-    else:
-        positions = torch.arange(PROMPT_LEN, PROMPT_LEN + decode_steps)
-        logit_rows = batch * decode_steps
-    running_cost, shared_cost = layer_flops(spec, positions + 1, skip)
-    lm_head = 2 * spec.hidden * spec.vocab * logit_rows
-    dense = lm_head + spec.num_layers * batch * float((shared_cost + running_cost).sum())
-    routed = lm_head + spec.num_layers * batch * float(shared_cost.sum())
-    for layer in range(spec.num_layers):
-        runs = gates.runs(layer, slice(positions[0].item(), positions[-1].item() + 1))[:batch]
-        routed += float((runs.double() * running_cost).sum())
-    return dense / routed
+    shape = Shape.of(build_config(spec))
+    if phase == "prefill":  # one forward, logits for the last position only
+        runs = [gates.runs(layer, slice(0, PROMPT_LEN))[:batch] for layer in range(spec.num_layers)]
+        forwards = [{"runs": runs, "attention_mask": None, "logit_rows": batch}]
+    else:  # one forward per new token, on top of the cache
+        forwards = [
+            {
+                "runs": [gates.runs(layer, slice(p, p + 1))[:batch] for layer in range(spec.num_layers)],
+                "attention_mask": torch.ones(batch, p + 1, dtype=torch.long),
+                "logit_rows": batch,
+            }
+            for p in range(PROMPT_LEN, PROMPT_LEN + decode_steps)
+        ]
+    return flops.ideal_speedup(shape, forwards, skip)
 
 
 def time_prefill(model, ids: torch.Tensor) -> tuple[float, object]:

@@ -241,6 +241,7 @@ def test_paired_timing_replays_the_first_batches_against_the_reference(task, tin
     assert timing["batches"] == 2 and 0 < timing["tokens"] < result["forward_tokens"]
     assert timing["decode_steps"] == (5 if task == "synthetic" else 0)
     assert all(seconds > 0 for seconds in timing["model_s"] + timing["reference_s"])
+    assert timing["ideal_speedup"] is None  # only token-routed models get a FLOP count
 
 
 def test_paired_timing_needs_recorded_batches(tiny_llama_dir, data_dir, tmp_path, capsys):
@@ -415,8 +416,10 @@ def test_token_routed_model_runs_sparse_and_counts_real_tokens_at_any_batch_size
     )
     tiny_tokenizer.save_pretrained(routed_dir)
     alone = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "b1.json", "--batch-size", "1", "--limit", "6")
-    batched = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "b4.json", "--batch-size", "4", "--limit", "6")
+    batched = _evaluate(routed_dir, data_dir, "arc_easy", tmp_path / "b4.json", "--batch-size", "4", "--limit", "6",
+                        "--reference-model", str(tiny_llama_dir), "--timing-repeats", "1")  # fmt: skip
     assert batched["token_execution"] == "sparse (skip: layer)"
+    assert 1.2 < batched["timing"]["ideal_speedup"] < 3.0  # about half of the layers' work left
     assert batched["unmasked_loglikelihood_rows"] == 0
     assert batched["avg_executed_layers"] == pytest.approx(alone["avg_executed_layers"], abs=1e-6)
     assert 1.0 < batched["avg_executed_layers"] < 3.0

@@ -153,6 +153,25 @@ def test_report_compares_methods_with_a_pareto_plot(tmp_path):
     assert "### Findings" in report and "### Limits" in report
 
 
+def test_token_routed_variants_show_their_realized_against_ideal_speedup(tmp_path):
+    evaluations = []
+    for task, realized in (("arc_easy", 1.05), ("mmlu", 0.95)):
+        evaluations += [
+            _evaluation("dense", task, 0.3, 12, 10.0) | {"timing": {"speedup": 1.0, "ideal_speedup": None}},
+            _evaluation("dlo-c0.25", task, 0.3, 10, 9.0) | {"timing": {"speedup": realized, "ideal_speedup": 1.2}},
+        ]
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, "-m", "radial", "report", "--evaluations", *_write(tmp_path, evaluations),
+                    "--out-dir", str(out), "--run-name", "unit"], check=True, capture_output=True)  # fmt: skip
+    table = pd.read_csv(out / "table.csv").set_index(["variant", "task"])
+    assert table.ideal_speedup["dlo-c0.25", "mmlu"] == pytest.approx(1.2)
+    assert pd.isna(table.ideal_speedup["dense", "mmlu"])
+    report = (out / "report.md").read_text()
+    assert "### Token routing: realized against ideal speedup" in report
+    assert "| dlo-c0.25 | 1.05× of 1.20× (25%) | 0.95× of 1.20× (-25%) |" in report
+    assert "| dense |" not in report.split("### Token routing")[1].split("###")[0]
+
+
 def test_report_describes_the_mcts_labels(tmp_path):
     from radial.stages.mcts import plot_summary, select_label_set, summarize
 

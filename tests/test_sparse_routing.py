@@ -276,6 +276,30 @@ def test_padding_is_neither_computed_nor_counted():
     assert routed.radial_executed_layers() == 0
 
 
+def test_recorded_runs_are_the_real_tokens_each_layer_computed():
+    """What the FLOP count of the ideal speedup reads: per forward, the gates of each layer as executed."""
+    from radial.routing.flops import Shape, ideal_speedup
+
+    router = RandomTokenRouter(NUM_LAYERS, fraction=0.5, seed=5)
+    routed = token_routed(make_tiny_model("llama", num_layers=NUM_LAYERS), router=router)
+    ids, mask = left_padded(seed=9)
+    with torch.no_grad():
+        routed(ids, attention_mask=mask)  # outside the context: nothing kept
+        assert routed._token_run_records is None
+        with routed.recording_token_runs() as forwards:
+            counter = RowCounter(routed)
+            routed(ids, attention_mask=mask)
+            counter.remove()
+            routed(ids[:, :4], attention_mask=mask[:, :4], logits_to_keep=1)
+    assert len(forwards) == 2 and forwards[1]["logit_rows"] == ids.shape[0]
+    first = forwards[0]
+    assert first["logit_rows"] == ids.numel() and first["attention_mask"] is mask
+    running = [int((run & mask.bool()).sum()) for run in first["runs"]]
+    assert running == running_per_layer(router, mask)
+    assert counter.rows["mlp"] == sum(packed_rows(n) for n in running)  # what was computed
+    assert 1.2 < ideal_speedup(Shape.of(routed.text_config), forwards) < 3.0  # about half the layers skipped
+
+
 # ----------------------------------------------------------------------------- fallbacks, never silent
 class Wrapped(nn.Module):
     """A decoder layer of a structure the sparse driver does not know."""

@@ -228,6 +228,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             self.generation_config = copy.deepcopy(base_model.generation_config)
         self._generate_memo: dict[str, Any] | None = None
         self.token_gates: list[torch.Tensor] | None = None  # filled inside straight_through_token_gates()
+        self._token_run_records: list[dict[str, Any]] | None = None  # filled inside recording_token_runs()
         self.token_execution_preference = "sparse"  # see token_execution_mode()
         self._token_checks: dict[tuple, list[str | None]] = {}
         self._warned_fallbacks: set[str] = set()
@@ -390,6 +391,21 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             yield self.token_gates
         finally:
             self.token_gates = None
+
+    @contextmanager
+    def recording_token_runs(self) -> Iterator[list[dict[str, Any]]]:
+        """Within: each token-routed forward appends which tokens ran each layer, for counting FLOPs.
+
+        A record holds `runs` (per executed layer, the [batch, seq] tokens that ran it),
+        `attention_mask` (as passed: [batch, keys] or None) and `logit_rows` (rows of logits computed);
+        see radial.routing.flops.
+        """
+        records: list[dict[str, Any]] = []
+        self._token_run_records = records
+        try:
+            yield records
+        finally:
+            self._token_run_records = None
 
     @contextmanager
     def token_execution_mode(self, execution: str) -> Iterator[None]:
@@ -612,6 +628,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.parts.norm(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.parts.lm_head(hidden[:, keep, :])
+        if token_router is not None and self._token_run_records:
+            self._token_run_records[-1]["logit_rows"] = logits.shape[0] * logits.shape[1]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.text_config.vocab_size, **kwargs)
@@ -718,6 +736,10 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 hidden = self._reference_token_step(step, hidden, inputs, view, logits, run, scale)
             executed_tokens = run.float() if executed_tokens is None else executed_tokens.add_(run)
+            if self._token_run_records is not None:
+                if index == 0:
+                    self._token_run_records.append({"runs": [], "attention_mask": attention_mask, "logit_rows": 0})
+                self._token_run_records[-1]["runs"].append(run.detach())
         self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
         return hidden
 

@@ -451,6 +451,8 @@ def paired_timing(
     """
     import torch
 
+    from radial.routing.flops import Shape, ideal_speedup
+
     if not batches:
         raise RadialError("lm-eval ran no batches to time against the reference model")
     same = Path(args.reference_model).resolve() == Path(args.model).resolve() and args.skip_bias is None
@@ -481,7 +483,14 @@ def paired_timing(
 
     seconds = {"model": [], "reference": []}
     with torch.inference_mode():
-        replay(model), replay(reference)  # warm-up
+        ideal = None
+        if callable(getattr(model, "recording_token_runs", None)) and _token_execution(model):
+            with model.recording_token_runs() as forwards:  # the warm-up, counted
+                replay(model)
+            ideal = ideal_speedup(Shape.of(model.text_config), forwards, model.config.token_skip)
+        else:
+            replay(model)
+        replay(reference)
         for _ in range(args.timing_repeats):
             seconds["reference"].append(replay(reference))
             seconds["model"] += [replay(model), replay(model)]
@@ -491,6 +500,9 @@ def paired_timing(
     return {
         "reference": str(args.reference_model),
         "speedup": statistics.median(round_ratios),
+        # Token-routed models: dense FLOPs over the FLOPs their routing left on these batches
+        # (radial.routing.flops); the speedup a perfectly efficient sparse execution would reach.
+        "ideal_speedup": ideal,
         "round_ratios": round_ratios,
         "model_s": seconds["model"],
         "reference_s": seconds["reference"],

@@ -33,6 +33,7 @@ TABLE_COLUMNS = [
     "forward_tokens",
     "speedup_vs_dense",
     "speedup_measured",
+    "ideal_speedup",
     "n_examples",
 ]
 REQUIRED_FIELDS = (
@@ -84,8 +85,9 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for e in evaluations:
-        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured")}
+        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured", "ideal_speedup")}
         row["paired_speedup"] = (e.get("timing") or {}).get("speedup")
+        row["ideal_speedup"] = (e.get("timing") or {}).get("ideal_speedup")
         rows.append(row)
     table = pd.DataFrame(rows)
     throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)

@@ -1,0 +1,60 @@
+"""The FLOP count behind the ideal speedup of token routing (radial.routing.flops), by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from radial.routing.flops import Shape, forward_flops, ideal_speedup
+
+# 2 layers, hidden 8, 2 query heads and 1 key-value head of 4, MLP 16, vocabulary 10. Per token:
+# k and v projections 2*8*(2*1*4) = 128; q and o 2*8*2*4*2 = 256; scores and values 2*2*2*4 = 32 per
+# key seen; MLP 2*3*8*16 = 768; LM head 2*8*10 = 160 per logit row.
+SHAPE = Shape(num_layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10)
+
+
+def _runs(*rows):
+    return [torch.tensor([row], dtype=torch.bool) for row in rows]
+
+
+def test_skipping_a_layer_saves_all_but_the_keys_and_values():
+    # three tokens seeing 1, 2, 3 keys: a running token pays 256 + 32 k + 768, every token 128
+    dense, routed = forward_flops(SHAPE, _runs([1, 1, 1], [1, 0, 0]), None, logit_rows=3, skip="layer")
+    assert dense == 480 + 2 * (1056 + 1088 + 1120 + 3 * 128)
+    assert routed == 480 + 2 * 3 * 128 + (1056 + 1088 + 1120) + 1056
+
+
+def test_skipping_the_mlp_saves_only_the_mlp():
+    dense, routed = forward_flops(SHAPE, _runs([1, 1, 1], [1, 0, 0]), None, logit_rows=3, skip="mlp")
+    assert dense == 480 + 2 * (1056 + 1088 + 1120 + 3 * 128)  # the same dense model
+    assert routed == 480 + 2 * (416 + 448 + 480) + 3 * 768 + 768
+
+
+def test_every_token_running_is_no_saving_and_none_running_the_most():
+    assert ideal_speedup(SHAPE, [{"runs": _runs([1, 1], [1, 1]), "attention_mask": None, "logit_rows": 2}]) == 1.0
+    none = ideal_speedup(SHAPE, [{"runs": _runs([0, 0], [0, 0]), "attention_mask": None, "logit_rows": 2}])
+    half = ideal_speedup(SHAPE, [{"runs": _runs([1, 0], [0, 1]), "attention_mask": None, "logit_rows": 2}])
+    assert none > half > 1.0
+
+
+def test_padding_counts_on_neither_side():
+    plain = forward_flops(SHAPE, _runs([1, 0], [0, 1]), None, logit_rows=2)
+    # the same two tokens right-padded by two: whatever the gates say of the padding
+    padded = forward_flops(SHAPE, _runs([1, 0, 1, 0], [0, 1, 0, 1]), torch.tensor([[1, 1, 0, 0]]), logit_rows=2)
+    assert padded == plain
+    # left padding (generation): the real tokens see only the real keys before them
+    left = forward_flops(SHAPE, _runs([0, 0, 1, 0], [0, 0, 0, 1]), torch.tensor([[0, 0, 1, 1]]), logit_rows=2)
+    assert left == plain
+
+
+def test_a_cached_token_attends_to_every_real_key_before_it():
+    step = forward_flops(SHAPE, _runs([1], [1]), torch.tensor([[0, 1, 1, 1, 1]]), logit_rows=1)
+    assert step[0] == 160 + 2 * (256 + 32 * 4 + 768 + 128)  # the fourth real key
+
+
+def test_shape_from_a_hugging_face_config():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                         num_hidden_layers=3, vocab_size=50)  # fmt: skip
+    assert Shape.of(config) == Shape(num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=50)
+    assert ideal_speedup(SHAPE, []) is None  # nothing recorded: no ideal
