@@ -186,6 +186,19 @@ def test_right_padded_batch_equals_the_reference():
     assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("skip", SKIPS)
+def test_right_padded_rows_equal_each_row_alone(base, skip):
+    """A right-padded batch attends causally without its padding mask: every real token as if alone."""
+    routed = token_routed(base, fraction=0.5, skip=skip)
+    ids, mask = left_padded((10, 4, 7), seed=15)
+    ids, mask = ids.flip(1), mask.flip(1)
+    with torch.no_grad():
+        batched = routed(ids, attention_mask=mask).logits
+        for row, length in enumerate(mask.sum(1).tolist()):
+            alone = routed(ids[row : row + 1, :length], attention_mask=mask[row : row + 1, :length]).logits
+            assert (batched[row, :length] - alone[0]).abs().max().item() <= 1e-4
+
+
 def test_sliding_window_shorter_than_the_sequence():
     base = make_tiny_model("mistral", num_layers=NUM_LAYERS)
     base.config.sliding_window = 4

@@ -650,7 +650,14 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         return RoutedCache(self.text_config, batch_size, self._cache_layout) if use_cache else None
 
     def _masks(self, hidden, attention_mask, cache, position_ids, materialize: bool = False) -> dict[str, Any]:
-        """One mask per attention type, built before any layer writes into the cache."""
+        """One mask per attention type, built before any layer writes into the cache.
+
+        A right-padded batch with nothing cached (lm-eval's loglikelihood batches) gets the causal
+        mask alone: a real token never sees the padding after it, so its outputs are the same, and
+        attention skips building and applying a padding mask (4-8 % of a forward at the embedded size).
+        """
+        if attention_mask is not None and (cache is None or cache.seen_tokens == 0) and _right_padded(attention_mask):
+            attention_mask = None
         needed = set(self.layer_types)
         if cache is not None and cache.decided:
             needed = {self.layer_types[step.layer] for step in cache.steps} or {self.layer_types[0]}
@@ -896,6 +903,14 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         routed = cls(config, base_model=base, router=router)
         routed.eval()
         return routed
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row's real tokens come first (no padding at all included)."""
+    if attention_mask.ndim != 2:
+        return False
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def attention_masks(
