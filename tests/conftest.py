@@ -36,6 +36,43 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def write_user_tasks(folder: Path) -> Path:
+    """Two lm-eval task YAMLs of a user's own, over small local jsonl files (none of radial's tasks):
+    `toy_parity` (multiple choice; headline metric acc_norm, listed first) and `toy_echo` (generation)."""
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    parity = [{"question": f"Is {n} even or odd?", "choices": ["even", "odd"], "label": n % 2} for n in range(10)]
+    echo = [{"word": word} for word in ("cat", "sun", "tree", "blue", "seven", "river")]
+    for name, rows in (("parity", parity), ("echo", echo)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = {"dataset_path": "json", "test_split": "test", "metadata": {"version": 1.0}}
+    tasks = {
+        "toy_parity": common | {
+            "dataset_kwargs": {"data_files": {"test": str(folder / "parity.jsonl")}},
+            "output_type": "multiple_choice",
+            "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "label",
+            "metric_list": [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        },
+        "toy_echo": common | {
+            "dataset_kwargs": {"data_files": {"test": str(folder / "echo.jsonl")}},
+            "output_type": "generate_until",
+            "doc_to_text": "Repeat: {{word}}\nAnswer:",
+            "doc_to_target": " {{word}}",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        },
+    }
+    for name, config in tasks.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name} | config, sort_keys=False))
+    return folder
+
+
 def make_tokenizer():
     from radial.tokenizer import train_tokenizer
 

@@ -50,13 +50,13 @@ def test_bad_value_is_named():
     assert "model.embedded.layers" in message
 
 
-def test_per_task_limit_names_an_unknown_task():
-    valid = {"evaluate": {"limit": 3, "limit_per_task": {"arc_easy": 10, "mmlu": 2}}}
-    assert not list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(valid))
-    message = _first_error({"evaluate": {"limit_per_task": {"arc_easy": 10, "hellaswag": 2}}})
-    assert "evaluate.limit_per_task.hellaswag" in message and "unknown" in message
+def test_per_task_limit_names_a_bad_value():
+    valid = {"evaluate": {"limit": 3, "limit_per_task": {"arc_easy": 10, "mmlu": 2, "hellaswag": 5}}}
+    assert not list(jsonschema.Draft202012Validator(SCHEMA).iter_errors(valid))  # any lm-eval task may be evaluated
     message = _first_error({"evaluate": {"limit_per_task": {"mmlu": 0}}})
     assert "evaluate.limit_per_task.mmlu" in message
+    message = _first_error({"evaluate": {"num_fewshot": {"piqa": -1}}})
+    assert "evaluate.num_fewshot.piqa" in message
 
 
 def _dry_run(tmp_path, config: dict) -> subprocess.CompletedProcess:
@@ -77,9 +77,46 @@ def test_snakemake_stops_on_unknown_key_with_one_message(tmp_path):
 
 
 def test_snakemake_stops_on_bad_value_with_one_message(tmp_path):
-    result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy", "hellaswag"]}})
+    result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy", "no such task"]}})
     assert result.returncode != 0
     assert "invalid config key 'evaluate.tasks.1'" in result.stderr + result.stdout
+
+
+def test_a_per_task_setting_for_a_task_not_evaluated_stops_the_workflow(tmp_path):
+    result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy"], "limit_per_task": {"arc_eassy": 3}}})
+    assert result.returncode != 0
+    out = result.stderr + result.stdout
+    assert "evaluate.limit_per_task.arc_eassy: 'arc_eassy' is not in evaluate.tasks" in out and "Traceback" not in out
+
+
+@pytest.mark.slow  # looks through lm-eval's thousands of task files (~20 s)
+def test_an_unknown_task_stops_the_workflow_before_anything_runs(tmp_path):
+    result = _dry_run(tmp_path, {"evaluate": {"tasks": ["arc_easy", "hellaswagg"]}})
+    assert result.returncode != 0
+    out = result.stderr + result.stdout
+    assert "evaluate.tasks: unknown task 'hellaswagg'" in out and "lm-eval 0.4" in out and "close: hellaswag" in out
+    assert "Traceback" not in out and not (tmp_path / "results").exists()
+
+
+def test_a_task_of_the_users_own_needs_no_data_stage(tmp_path):
+    from conftest import write_user_tasks
+
+    folder = write_user_tasks(tmp_path / "my tasks")  # a space: the path reaches the shell quoted
+    config = {"evaluate": {"variants": ["dense"], "tasks": ["toy_parity", "arc_easy"], "include_path": str(folder),
+                           "limit_per_task": {"toy_parity": 3}}}  # fmt: skip
+    config_file = tmp_path / "user.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(config_file),
+         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/toy_parity.json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
+    assert "--task toy_parity arc_easy " in command and f"--include-path '{folder}'" in command
+    assert "--limit-per-task toy_parity=3 " in command and "toy_parity=0" not in command  # its YAML's few-shot
+    data_jobs = [line for line in result.stdout.splitlines() if "radial data" in line]
+    assert data_jobs and not any("toy_parity" in line for line in data_jobs)
 
 
 def test_per_task_limit_reaches_each_evaluation_command(tmp_path):

@@ -254,6 +254,45 @@ def test_paired_timing_needs_recorded_batches(tiny_llama_dir, data_dir, tmp_path
     assert not out.exists()
 
 
+def test_any_lm_eval_task_from_an_include_path(tiny_llama_dir, tmp_path):
+    """The user's own task YAMLs (none of radial's five), through --include-path as lm_eval takes them:
+    the headline metric is the first of each task's metric_list, and the paired timing works for
+    multiple-choice and generation alike."""
+    from conftest import write_user_tasks
+
+    folder = write_user_tasks(tmp_path / "my-tasks")
+    out = tmp_path / "eval" / "{task}.json"
+    argv = ["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "toy_parity", "toy_echo",
+            "--include-path", str(folder), "--out", str(out), "--limit", "4", "--batch-size", "2",
+            "--reference-model", str(tiny_llama_dir), "--timing-repeats", "1", "--timing-decode-steps", "3"]  # fmt: skip
+    assert radial_main(argv) == 0  # no --data-dir: none of radial's own tasks
+    parity = json.loads((tmp_path / "eval" / "toy_parity.json").read_text())
+    echo = json.loads((tmp_path / "eval" / "toy_echo.json").read_text())
+    assert parity["metric"] == "acc_norm" and parity["n_examples"] == 4
+    assert parity["accuracy"] == parity["lm_eval"]["results"]["toy_parity"]["acc_norm,none"]
+    assert echo["metric"] == "exact_match" and echo["accuracy"] == echo["lm_eval"]["results"]["toy_echo"]["exact_match,none"]
+    assert parity["timing"]["decode_steps"] == 0 and echo["timing"]["decode_steps"] == 3
+    assert parity["timing"]["speedup"] > 0 and echo["timing"]["speedup"] > 0
+
+
+@pytest.mark.slow  # indexes lm-eval's thousands of task files, twice (~20 s each)
+def test_an_unknown_task_names_itself_and_where_it_was_looked_for(tiny_llama_dir, tmp_path, capsys):
+    from conftest import write_user_tasks
+
+    folder = write_user_tasks(tmp_path / "my-tasks")
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "toy_parityy",
+            "--include-path", str(folder), "--out", str(out)]  # fmt: skip
+    assert radial_main(argv) != 0
+    err = capsys.readouterr().err
+    assert "--task: unknown task 'toy_parityy'" in err and f"task registry and {folder}" in err
+    assert "close: toy_parity" in err and "Traceback" not in err
+    assert not out.exists()
+    argv[argv.index("toy_parityy")] = "ai2_arc"  # a tag: a list of tasks, no score of its own
+    assert radial_main(argv) != 0
+    assert "'ai2_arc' is an lm-eval tag" in capsys.readouterr().err
+
+
 def test_evaluate_group_accuracy_is_weighted_by_size(tiny_llama_dir, data_dir, tmp_path):
     result = _evaluate(tiny_llama_dir, data_dir, "mmlu", tmp_path / "eval.json")
     sizes = MMLU_TEST_ROWS

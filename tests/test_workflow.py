@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, write_user_tasks
 from radial.variants import evaluation_variants
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(PROJECT_ROOT / "Snakefile")]
@@ -25,19 +25,26 @@ def test_lint_is_clean():
 
 @pytest.mark.slow
 def test_tiny_workflow_end_to_end(tmp_path):
-    run = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", TINY_CONFIG]
+    # The tiny config, plus a task of the user's own (none of radial's five) through evaluate.include_path.
+    tiny_config = yaml.safe_load(open(TINY_CONFIG))
+    tiny_config["evaluate"]["tasks"].append("toy_parity")
+    tiny_config["evaluate"]["include_path"] = str(write_user_tasks(tmp_path / "my-tasks"))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config))
+    run = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(config_file)]
     result = subprocess.run([*run, "--cores", "2"], capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-5000:]
 
     report = tmp_path / "results/report"
     table = pd.read_csv(report / "table.csv")
-    tiny_config = yaml.safe_load(open(TINY_CONFIG))
     variants = evaluation_variants(tiny_config)
     assert {"dense", "shortgpt-k2", "soft-exit2", "soft-conf0.5", "dlo-c0.25"} <= set(variants)  # the baselines' sweeps
     assert sorted(zip(table.variant, table.task)) == sorted(
         (v, t) for v in variants for t in tiny_config["evaluate"]["tasks"]
     )
     assert table.accuracy.between(0, 1).all()
+    user_task = table[table.task == "toy_parity"]
+    assert (user_task.metric == "acc_norm").all() and (user_task.n_examples == 4).all()  # its YAML's first metric
     layers = table.groupby("variant").avg_executed_layers
     assert (layers.min()[["dense"]] == 4).all() and (layers.max()[["shortgpt-k2", "soft-exit2"]] == 2).all()
     assert layers.min()[["soft-conf0.5", "dlo-c0.25"]].between(0, 4).all()
@@ -46,6 +53,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert (table.forward_tokens > 0).all() and table.speedup_vs_dense.notna().all()
     assert (table.speedup_measured == "paired").all()  # every variant timed against dense in its own job
     markdown = (report / "report.md").read_text()
+    assert "toy_parity 4 examples (0-shot, acc_norm)" in markdown
     assert "![residual ratio by layer and position](heatmap.png)" in markdown
     assert (report / "heatmap.png").stat().st_size > 0
     mcts_stats = json.loads((tmp_path / "results/mcts/stats.json").read_text())

@@ -305,7 +305,7 @@ def results_section(
         shots = e.get("num_fewshot")
         limits.append(
             f"{TASK_LABELS.get(task, task)} " + (f"{int(n)} examples" if pd.notna(n) else "examples not recorded")
-            + (f" ({shots}-shot)" if shots else " (0-shot)")
+            + (f" ({shots}-shot" if shots else " (0-shot") + f", {e.get('metric', 'score')})"
         )
     any_eval = evaluations[0]
     cuts = [f"{TASK_LABELS.get(task, task)} {first[task]['limit']}" for task in tasks if first[task].get("limit")]

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
+from radial.eval_tasks import check_external_tasks
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
 
@@ -39,6 +40,25 @@ wildcard_constraints:
 def project_path(path):
     """Config paths are relative to the directory holding the Snakefile."""
     return str((PROJECT_DIR / path).resolve()) if path and not os.path.isabs(path) else path
+
+
+def include_paths():
+    """evaluate.include_path as a list of folders, relative ones under the Snakefile's directory."""
+    paths = config["evaluate"].get("include_path") or []
+    return [project_path(path) for path in ([paths] if isinstance(paths, str) else paths)]
+
+
+# Any task besides radial's own must be known to lm-eval (its registry or evaluate.include_path)
+# before anything runs; looking through lm-eval's registry takes ~10-20 s, so only then.
+try:
+    check_external_tasks(EVAL_TASKS, include_paths())
+except RadialError as err:
+    raise WorkflowError(str(err)) from None
+RADIAL_EVAL_TASKS = [task for task in EVAL_TASKS if task in TASKS]  # the others need no data stage
+for key in ("limit_per_task", "num_fewshot"):
+    for task in config["evaluate"][key]:
+        if task not in EVAL_TASKS and task not in TASKS:  # radial's own carry schema defaults
+            raise WorkflowError(f"evaluate.{key}.{task}: {task!r} is not in evaluate.tasks ({', '.join(EVAL_TASKS)})")
 
 
 def cli_flags(options):
@@ -120,8 +140,16 @@ def knob_flags(wildcards):
 def eval_task_flags():
     """Every evaluated task's limit and few-shot count (evaluate.limit, .limit_per_task, .num_fewshot)."""
     overrides = [f"{task}={eval_limit(task)}" for task in EVAL_TASKS if eval_limit(task) != config["evaluate"]["limit"]]
-    fewshot = [f"{task}={config['evaluate']['num_fewshot'][task]}" for task in EVAL_TASKS]
-    return cli_flags({"limit": config["evaluate"]["limit"], "limit_per_task": overrides or None, "num_fewshot": fewshot})
+    fewshots = config["evaluate"]["num_fewshot"]  # a task not listed: radial's own default, or the task YAML's own
+    fewshot = [f"{task}={fewshots[task]}" for task in EVAL_TASKS if fewshots.get(task) is not None]
+    return cli_flags(
+        {
+            "limit": config["evaluate"]["limit"],
+            "limit_per_task": overrides or None,
+            "num_fewshot": fewshot or None,
+            "include_path": include_paths() or None,
+        }
+    )
 
 
 def mcts_stats_for_report(wildcards):

@@ -5,7 +5,7 @@ rule evaluate:
     input:
         model=variant_model,
         reference="results/models/dense",
-        data=expand("results/data/{task}", task=EVAL_TASKS),
+        data=expand("results/data/{task}", task=RADIAL_EVAL_TASKS),
     output:
         expand("results/eval/{{variant}}/{task}.json", task=EVAL_TASKS),
     log:
@@ -13,13 +13,14 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{variant}.tsv"
     params:
-        tasks=" ".join(EVAL_TASKS),
+        tasks=" ".join(map(shlex.quote, EVAL_TASKS)),
         out=lambda wildcards: shlex.quote(f"results/eval/{wildcards.variant}/{{task}}.json"),
         knob=knob_flags,
         task_flags=eval_task_flags(),
         # the evaluate section's other keys pick the jobs (variants, tasks, timing), not the stage's flags
         flags=section_flags(
-            "evaluate", exclude=["variants", "tasks", "limit", "limit_per_task", "num_fewshot", "timing", "skip_biases"]
+            "evaluate",
+            exclude=["variants", "tasks", "include_path", "limit", "limit_per_task", "num_fewshot", "timing", "skip_biases"],
         ),
         common=common_flags(),
     # Each job times its variant against the dense model (--reference-model) for the report's

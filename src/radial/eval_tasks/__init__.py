@@ -47,8 +47,80 @@ _GROUP_VERSION = {"version": 2}  # as lm-eval's mmlu group files
 
 
 def lm_eval_name(task: str) -> str:
-    """The lm-eval task or group name radial registers for one of its `TASKS`."""
+    """The lm-eval task or group name radial registers for one of its `TASKS` (or their subtasks)."""
     return PREFIX + task
+
+
+def evaluated_name(task: str) -> str:
+    """The lm-eval task or group evaluated for `task`: radial's own for its `TASKS`, else the name itself."""
+    return lm_eval_name(task) if task in TASKS else task
+
+
+def external_tasks(tasks: Iterable[str]) -> list[str]:
+    """The tasks that are not radial's own: lm-eval's (task or group names) or the user's (--include_path)."""
+    return [task for task in tasks if task not in TASKS]
+
+
+def task_manager(tasks_dir: str | Path | None, include_paths: Iterable[str | Path] = (), task: str | None = None):
+    """lm-eval's TaskManager over radial's materialized tasks and the user's task folders, and over
+    lm-eval's own registry too where `task` is none of those (indexing its thousands of task files
+    takes ~10-20 s, so it is skipped when it is not needed)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = ([str(tasks_dir)] if tasks_dir is not None else []) + [str(path) for path in include_paths]
+    if paths:
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if task is None or task in manager.all_tasks:
+            return manager
+    return TaskManager(include_path=paths or None, include_defaults=True)
+
+
+def check_external_tasks(
+    tasks: Iterable[str],
+    include_paths: Iterable[str | Path] = (),
+    key: str = "evaluate.tasks",
+    path_key: str = "evaluate.include_path",
+) -> None:
+    """Fail, naming the task and where it was looked for, unless lm-eval knows every task that is
+    not radial's own as a task or a group (a tag has no score of its own)."""
+    import difflib
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    external = external_tasks(tasks)
+    include_paths = [Path(path) for path in include_paths]
+    for path in include_paths:
+        if not path.is_dir():
+            raise RadialError(f"{path_key}: {path} is not a folder of lm-eval task YAMLs")
+    where = f"lm-eval {lm_eval.__version__}'s task registry" + "".join(f" and {path}" for path in include_paths)
+    managers: dict[bool, Any] = {}  # the user's folders alone, and with lm-eval's registry (slow: only if needed)
+
+    def entry_of(task: str):
+        if include_paths and False not in managers:
+            managers[False] = TaskManager(include_path=[str(path) for path in include_paths], include_defaults=False)
+        if False in managers and task in managers[False].task_index:
+            return managers[False].task_index[task]
+        if True not in managers:
+            paths = [str(path) for path in include_paths] or None
+            managers[True] = TaskManager(include_path=paths, include_defaults=True)
+        return managers[True].task_index.get(task)
+
+    for task in external:
+        entry = entry_of(task)
+        if entry is None:
+            known = [name for manager in managers.values() for name in manager.all_tasks] + list(TASKS)
+            close = difflib.get_close_matches(task, known, n=3)
+            raise RadialError(
+                f"{key}: unknown task {task!r}: not one of radial's ({', '.join(TASKS)}) nor in {where}"
+                + (f"; close: {', '.join(close)}" if close else "")
+            )
+        if entry.kind.name == "TAG":
+            members = sorted(entry.tags)  # a tag's entry lists its tasks
+            raise RadialError(
+                f"{key}: {task!r} is an lm-eval tag, a list of tasks without a score of its own"
+                f" ({', '.join(members[:8])}{', ...' if len(members) > 8 else ''}); name its tasks instead"
+            )
 
 
 def materialize(data_dir: str | Path, out_dir: str | Path, tasks: Iterable[str]) -> Path:
@@ -62,7 +134,7 @@ def materialize(data_dir: str | Path, out_dir: str | Path, tasks: Iterable[str])
     out_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         if task not in TASKS:
-            raise RadialError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+            raise RadialError(f"unknown task {task!r}; radial's own are {', '.join(TASKS)}")
         if task == "mmlu":
             _materialize_mmlu(data_dir, out_dir)
         elif task == "synthetic":

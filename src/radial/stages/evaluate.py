@@ -59,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_path_argument(parser, "model")
     parser.add_argument("--variant", required=True, help="name of the model variant, e.g. dense, routed, shortgpt")
     parser.add_argument(
-        "--task", required=True, nargs="+", choices=sorted(TASK_SPECS), help="tasks to evaluate on (model loaded once)"
+        "--task", required=True, nargs="+",
+        help=f"tasks to evaluate on (model loaded once): radial's own ({', '.join(TASK_SPECS)}, data from --data-dir) "
+        "or any lm-eval task or group name",
     )
-    settings.add_path_argument(parser, "data_dir")
+    settings.add_path_argument(parser, "data_dir", required=False)
+    settings.add_setting(parser, "evaluate.include_path", metavar="DIR")
     settings.add_path_argument(parser, "out", "evaluation JSON to write; with several tasks a path holding {task}")
     settings.add_setting(parser, "evaluate.limit")
     parser.add_argument(
@@ -97,11 +100,17 @@ def main(args: argparse.Namespace) -> int:
     from radial import tracking
 
     tasks = list(dict.fromkeys(args.task))
-    limits = _task_values("--limit-per-task", args.limit_per_task)
-    fewshots = _task_values("--num-fewshot", args.num_fewshot, allow_all=True)
+    args.include_path = [Path(path) for path in args.include_path or []]
+    limits = _task_values("--limit-per-task", args.limit_per_task, tasks)
+    fewshots = _task_values("--num-fewshot", args.num_fewshot, tasks, allow_all=True)
     plans = [task_arguments(args, task, len(tasks), limits, fewshots) for task in tasks]
+    own = [task for task in tasks if task in TASK_SPECS]
+    if own and args.data_dir is None:
+        raise RadialError(f"--data-dir: radial's own tasks ({', '.join(own)}) read their data from the data stage's folder")
+    eval_tasks.check_external_tasks(tasks, args.include_path, key="--task", path_key="--include-path")  # before a long model load
     with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
-        eval_tasks.materialize(args.data_dir, tasks_dir, tasks)  # bad data fails before a long model load
+        if own:
+            eval_tasks.materialize(args.data_dir, tasks_dir, own)  # bad data fails before a long model load
         model, tokenizer = load_model(args.model, args.device)
         if args.skip_bias is not None:
             shift_skip_bias(model, args.skip_bias)
@@ -134,24 +143,26 @@ def task_arguments(
     if num_tasks > 1 and "{task}" not in out:
         raise RadialError(f"--out {out}: with several tasks, --out must hold {{task}} (e.g. results/eval/x/{{task}}.json)")
     limit = limits.get(task, args.limit)
-    fewshot = fewshots.get(task, fewshots.get(None, settings.default(f"evaluate.num_fewshot.{task}")))
+    # radial's own tasks default to the config's count; any other task to its own YAML's (None)
+    default_fewshot = settings.default(f"evaluate.num_fewshot.{task}") if task in TASK_SPECS else None
+    fewshot = fewshots.get(task, fewshots.get(None, default_fewshot))
     if limit is not None and limit < 1:
         raise RadialError(f"--limit for {task}: {limit} is not a positive number of examples")
-    if fewshot < 0:
+    if fewshot is not None and fewshot < 0:
         raise RadialError(f"--num-fewshot for {task}: {fewshot} is negative")
     return argparse.Namespace(**{**vars(args), "task": task, "limit": limit, "num_fewshot": fewshot,
                                  "out": Path(out.replace("{task}", task))})
 
 
-def _task_values(flag: str, entries: list[str], allow_all: bool = False) -> dict[str | None, int]:
+def _task_values(flag: str, entries: list[str], tasks: list[str], allow_all: bool = False) -> dict[str | None, int]:
     """["mmlu=5", "gsm8k=50"] -> {"mmlu": 5, "gsm8k": 50}; a bare "3" (allow_all) -> {None: 3}."""
     values: dict[str | None, int] = {}
     for entry in entries:
         task, _, number = entry.rpartition("=")
         if not task and not allow_all:
             raise RadialError(f"{flag} {entry}: expected TASK=N")
-        if task and task not in TASK_SPECS:
-            raise RadialError(f"{flag} {entry}: unknown task {task!r} (known: {', '.join(sorted(TASK_SPECS))})")
+        if task and task not in tasks:
+            raise RadialError(f"{flag} {entry}: {task!r} is not among the tasks evaluated ({', '.join(tasks)})")
         try:
             values[task or None] = int(number)
         except ValueError:
@@ -161,7 +172,6 @@ def _task_values(flag: str, entries: list[str], allow_all: bool = False) -> dict
 
 def evaluate_task(model, tokenizer, args: argparse.Namespace, tasks_dir: str, references: dict) -> dict[str, Any]:
     """Evaluate one task (args.task) on the loaded model, write its JSON and return it."""
-    spec = TASK_SPECS[args.task]
     seed_everything(args.seed)  # as if the task ran alone
     if callable(getattr(model, "reset_layer_counter", None)):
         model.reset_layer_counter()
@@ -171,8 +181,9 @@ def evaluate_task(model, tokenizer, args: argparse.Namespace, tasks_dir: str, re
         results = run_lm_eval(
             model,
             tokenizer,
-            spec.lm_eval_name,
+            eval_tasks.evaluated_name(args.task),
             tasks_dir,
+            include_paths=args.include_path,
             limit=args.limit,
             num_fewshot=args.num_fewshot,
             batch_size=args.batch_size,
@@ -181,6 +192,7 @@ def evaluate_task(model, tokenizer, args: argparse.Namespace, tasks_dir: str, re
             log_samples=args.log_samples,
         )
         wall_time_s = time.perf_counter() - start
+    spec = task_spec(args.task, results)
     evaluation = summarize(results, spec, args, model, counter, wall_time_s)
     if args.reference_model is not None:
         evaluation["timing"] = paired_timing(model, args, spec.generates, counter.recorded, tokenizer, references)
@@ -222,8 +234,40 @@ def load_model(model_dir: Path, device: str = "cpu"):
     return model, tokenizer
 
 
+def task_spec(task: str, results: dict[str, Any]) -> TaskSpec:
+    """radial's spec of one of its own tasks; for any other, the headline metric its lm-eval config names.
+
+    That is the first metric of the task's metric_list (of its first task, for a group: the group's
+    aggregate of it) under the first of its filters ("none" without filters), as lm-eval reports it.
+    """
+    if task in TASK_SPECS:
+        return TASK_SPECS[task]
+    configs = results.get("configs", {})
+    leaves = [leaf for leaf in results.get("n-samples", {}) if leaf in configs]
+    scores = results.get("results", {}).get(task, {})
+    if not leaves:
+        raise RadialError(f"lm-eval evaluated no task for {task!r}")
+    first = configs[leaves[0]]
+    metric = (first.get("metric_list") or [{}])[0].get("metric")
+    filters = [f["name"] for f in first.get("filter_list") or [] if isinstance(f, dict) and "name" in f] or ["none"]
+    candidates = [f"{metric},{name}" for name in filters]
+    candidates += [key for key in scores if "," in key and "_stderr" not in key and key.startswith(f"{metric},")]
+    candidates += [key for key in scores if "," in key and "_stderr" not in key]
+    headline = next((key for key in candidates if isinstance(scores.get(key), (int, float))), None)
+    if headline is None:
+        raise RadialError(
+            f"{task}: lm-eval reported no score for it (a group needs an aggregate_metric_list); name its tasks instead"
+        )
+    generates = any(configs[leaf].get("output_type") == "generate_until" for leaf in leaves)
+    return TaskSpec(task, headline, generates)
+
+
 def generation_overrides(task: str, max_gen_toks: int | None, context_length: int) -> dict[str, Any] | None:
-    """lm-eval `gen_kwargs` for --max-gen-toks; a clear error where lm-eval's would be an assert."""
+    """lm-eval `gen_kwargs` for --max-gen-toks; a clear error where lm-eval's would be an assert.
+
+    lm-eval applies them to generation tasks only, so any other task gets them as they are."""
+    if task not in TASK_SPECS:
+        return None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     if not TASK_SPECS[task].generates:
         return None
     if max_gen_toks is not None:
@@ -245,6 +289,7 @@ def run_lm_eval(
     lm_eval_task: str,
     tasks_dir: str | Path,
     *,
+    include_paths: list[Path] = (),
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 1,
@@ -255,12 +300,11 @@ def run_lm_eval(
     """`lm_eval.simple_evaluate` on a loaded model over the materialized tasks in `tasks_dir`."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm_class = masked_hflm(HFLM) if routes_on_the_input(model) else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # Our YAMLs stand alone, so skip indexing lm-eval's thousands of built-in task files.
-    task_manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    # radial's own YAMLs stand alone: lm-eval's thousands of built-in task files are indexed only for other tasks.
+    task_manager = eval_tasks.task_manager(tasks_dir, include_paths, lm_eval_task)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=[lm_eval_task],

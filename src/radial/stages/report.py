@@ -173,7 +173,7 @@ def render(
         wide = wide.loc[sorted(wide.index, key=comparison.variant_sort_key)].reset_index()
         lines += ["### Synthetic task by difficulty level", "", _markdown(wide), ""]
     if (subtasks.task != "synthetic").any():
-        lines += ["Per-subject accuracy (MMLU) is in `subtasks.csv`.", ""]
+        lines += ["Scores of the other tasks' subtasks (MMLU subjects, the tasks of a group) are in `subtasks.csv`.", ""]
     if mcts_stats:
         lines += mcts_section(mcts_stats, images.get("mcts"))
     if profile_summary or images.keys() & {"heatmap", "layers"}:
