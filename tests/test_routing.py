@@ -291,6 +291,30 @@ def test_decoder_that_is_not_llama_style_is_a_clear_error():
         RoutedForCausalLM.from_base(gpt2)
 
 
+def test_wrapping_checks_dense_routing_against_the_models_own_forward():
+    """Any family, Llama included: a forward that does more than embed, layers, norm and LM head is refused."""
+    base = make_tiny_model("llama", num_layers=NUM_LAYERS)
+
+    class DoubledLogits(type(base)):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 2
+            return output
+
+    base.__class__ = DoubledLogits
+    with pytest.raises(RadialError, match=r"cannot route llama \(DoubledLogits\): .*max abs logit difference"):
+        RoutedForCausalLM.from_base(base)
+
+
+def test_a_family_whose_config_changes_the_forward_is_refused_naming_the_setting():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.05)  # fmt: skip
+    with pytest.raises(RadialError, match="cannot route gemma2 .*final_logit_softcapping=0.05"):
+        RoutedForCausalLM.from_base(Gemma2ForCausalLM(config).eval())
+
+
 def test_wrapping_leaves_the_base_weights_untouched(base):
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     routed = RoutedForCausalLM.from_base(base, router=DrLLMRouter(NUM_LAYERS, base.config.hidden_size))
