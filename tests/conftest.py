@@ -82,10 +82,25 @@ def make_tokenizer():
 def make_tiny_model(arch: str, num_layers: int = 4, vocab_size: int = 320, seed: int = 0):
     """A random tiny causal LM of the given architecture, float32, eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+    )
 
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[arch]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
+                  "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[arch]  # fmt: skip
+    moe = {
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "shared_expert_intermediate_size": 32},
+    }.get(arch, {})  # fmt: skip
     config = config_cls(
+        **moe,
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,

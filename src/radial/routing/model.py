@@ -206,6 +206,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # The wrapped base's own modules carry the experts implementation (MoE decoders: Mixtral,
+    # Qwen2-MoE); transformers would otherwise refuse a wrapper whose module source lacks its decorator.
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(
         self,

@@ -294,8 +294,12 @@ def attention_residual(
 
 
 def mlp_residual(layer: nn.Module, mid: torch.Tensor) -> torch.Tensor:
-    """The layer's second residual branch."""
-    return mid + layer.mlp(layer.post_attention_layernorm(mid))
+    """The layer's second residual branch; packed [tokens, hidden] rows go through as one [1, tokens,
+    hidden] batch (mixture-of-experts blocks unpack batch, sequence and hidden)."""
+    normed = layer.post_attention_layernorm(mid)
+    out = layer.mlp(normed.unsqueeze(0) if normed.ndim == 2 else normed)
+    out = out[0] if isinstance(out, tuple) else out  # MoE blocks of some versions also return router logits
+    return mid + out.view_as(mid)
 
 
 def run_mlp_on_tokens(layer: nn.Module, mid: torch.Tensor, running: RunningTokens) -> torch.Tensor:
