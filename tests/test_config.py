@@ -59,14 +59,15 @@ def test_per_task_limit_names_a_bad_value():
     assert "evaluate.num_fewshot.piqa" in message
 
 
-def _dry_run(tmp_path, config: dict) -> subprocess.CompletedProcess:
-    config_file = tmp_path / "bad.yaml"
+def _dry_run(tmp_path, config: dict, *targets: str, cores: int = 1) -> subprocess.CompletedProcess:
+    """`snakemake -n -p` for `targets` under `config`: the shell commands the jobs would run, printed."""
+    config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(config_file),
-         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile")],
+        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", str(cores), "--configfile", str(config_file),
+         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), *targets],
         capture_output=True, text=True, timeout=120,
-    )
+    )  # fmt: skip
 
 
 def test_snakemake_stops_on_unknown_key_with_one_message(tmp_path):
@@ -104,13 +105,7 @@ def test_a_task_of_the_users_own_needs_no_data_stage(tmp_path):
     folder = write_user_tasks(tmp_path / "my tasks")  # a space: the path reaches the shell quoted
     config = {"evaluate": {"variants": ["dense"], "tasks": ["toy_parity", "arc_easy"], "include_path": str(folder),
                            "limit_per_task": {"toy_parity": 3}}}  # fmt: skip
-    config_file = tmp_path / "user.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(config_file),
-         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/toy_parity.json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = _dry_run(tmp_path, config, "results/eval/dense/toy_parity.json")
     assert result.returncode == 0, result.stderr[-2000:]
     (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
     assert "--task toy_parity arc_easy " in command and f"--include-path '{folder}'" in command
@@ -121,14 +116,8 @@ def test_a_task_of_the_users_own_needs_no_data_stage(tmp_path):
 
 def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
     config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy", "mmlu", "gsm8k"], "limit_per_task": {"mmlu": 2}}}
-    config_file = tmp_path / "limits.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "--configfile", str(config_file),
-         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/arc_easy.json",
-         "results/eval/dense/mmlu.json", "results/eval/dense/gsm8k.json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    targets = ["results/eval/dense/arc_easy.json", "results/eval/dense/mmlu.json", "results/eval/dense/gsm8k.json"]
+    result = _dry_run(tmp_path, config, *targets)
     assert result.returncode == 0, result.stderr[-2000:]
     (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]  # one job, every task
     assert "--task arc_easy mmlu gsm8k " in command and "--out 'results/eval/dense/{task}.json'" in command
@@ -136,21 +125,15 @@ def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
     assert "--limit " not in command  # the schema's default limit is null: everything
     assert "--num-fewshot arc_easy=0 mmlu=5 gsm8k=5 " in command  # the schema's per-task defaults
     config["evaluate"]["limit"] = 7
-    config_file.write_text(yaml.safe_dump(config))
-    result = subprocess.run(result.args, capture_output=True, text=True, timeout=120)
+    result = _dry_run(tmp_path, config, *targets)
     (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
     assert "--limit 7 --limit-per-task mmlu=2 " in command
 
 
 @pytest.mark.parametrize("timing, threads", [("exclusive", 2), ("shared", 1)])
 def test_evaluation_timing_sets_the_cores_each_evaluation_holds(tmp_path, timing, threads):
-    config_file = tmp_path / "timing.yaml"
-    config_file.write_text(yaml.safe_dump({"evaluate": {"variants": ["dense"], "tasks": ["arc_easy"], "timing": timing}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2", "--configfile", str(config_file),
-         "--directory", str(tmp_path), "-s", str(PROJECT_ROOT / "Snakefile"), "results/eval/dense/arc_easy.json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy"], "timing": timing}}
+    result = _dry_run(tmp_path, config, "results/eval/dense/arc_easy.json", cores=2)
     assert result.returncode == 0, result.stderr[-2000:]
     command = next(line for line in result.stdout.splitlines() if "radial evaluate" in line)
     assert command.startswith(f"Shell command: OMP_NUM_THREADS={threads} "), command
