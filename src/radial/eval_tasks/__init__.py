@@ -20,6 +20,7 @@ jsonl per subject/level under out_dir/data/.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import importlib.util
 import json
@@ -61,18 +62,27 @@ def external_tasks(tasks: Iterable[str]) -> list[str]:
     return [task for task in tasks if task not in TASKS]
 
 
-def task_manager(tasks_dir: str | Path | None, include_paths: Iterable[str | Path] = (), task: str | None = None):
-    """lm-eval's TaskManager over radial's materialized tasks and the user's task folders, and over
-    lm-eval's own registry too where `task` is none of those (indexing its thousands of task files
-    takes ~10-20 s, so it is skipped when it is not needed)."""
+def task_manager(task: str, tasks_dir: str | Path | None = None, include_paths: Iterable[str | Path] = ()):
+    """lm-eval's TaskManager that knows `task` (an lm-eval name): radial's materialized tasks in
+    `tasks_dir` for its own; else the user's task folders, and lm-eval's own registry too only when
+    they do not hold it (indexing its thousands of task files takes ~10-20 s, once per process)."""
     from lm_eval.tasks import TaskManager
 
-    paths = ([str(tasks_dir)] if tasks_dir is not None else []) + [str(path) for path in include_paths]
-    if paths:
-        manager = TaskManager(include_path=paths, include_defaults=False)
-        if task is None or task in manager.all_tasks:
-            return manager
-    return TaskManager(include_path=paths or None, include_defaults=True)
+    paths = tuple(str(path) for path in include_paths)
+    if tasks_dir is not None:
+        own = TaskManager(include_path=[str(tasks_dir)], include_defaults=False)
+        if task in own.all_tasks:
+            return own
+    if paths and task in _task_manager(paths, defaults=False).all_tasks:
+        return _task_manager(paths, defaults=False)
+    return _task_manager(paths, defaults=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
 
 
 def check_external_tasks(
@@ -86,31 +96,17 @@ def check_external_tasks(
     import difflib
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    external = external_tasks(tasks)
     include_paths = [Path(path) for path in include_paths]
     for path in include_paths:
         if not path.is_dir():
             raise RadialError(f"{path_key}: {path} is not a folder of lm-eval task YAMLs")
     where = f"lm-eval {lm_eval.__version__}'s task registry" + "".join(f" and {path}" for path in include_paths)
-    managers: dict[bool, Any] = {}  # the user's folders alone, and with lm-eval's registry (slow: only if needed)
-
-    def entry_of(task: str):
-        if include_paths and False not in managers:
-            managers[False] = TaskManager(include_path=[str(path) for path in include_paths], include_defaults=False)
-        if False in managers and task in managers[False].task_index:
-            return managers[False].task_index[task]
-        if True not in managers:
-            paths = [str(path) for path in include_paths] or None
-            managers[True] = TaskManager(include_path=paths, include_defaults=True)
-        return managers[True].task_index.get(task)
-
-    for task in external:
-        entry = entry_of(task)
-        if entry is None:
-            known = [name for manager in managers.values() for name in manager.all_tasks] + list(TASKS)
-            close = difflib.get_close_matches(task, known, n=3)
+    for task in external_tasks(tasks):
+        manager = task_manager(task, include_paths=include_paths)
+        entry = manager.task_index.get(task)
+        if entry is None:  # looked up in the registry and the user's folders together
+            close = difflib.get_close_matches(task, list(manager.all_tasks) + list(TASKS), n=3)
             raise RadialError(
                 f"{key}: unknown task {task!r}: not one of radial's ({', '.join(TASKS)}) nor in {where}"
                 + (f"; close: {', '.join(close)}" if close else "")

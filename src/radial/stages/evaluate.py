@@ -304,7 +304,7 @@ def run_lm_eval(
     lm_class = masked_hflm(HFLM) if routes_on_the_input(model) else HFLM
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # radial's own YAMLs stand alone: lm-eval's thousands of built-in task files are indexed only for other tasks.
-    task_manager = eval_tasks.task_manager(tasks_dir, include_paths, lm_eval_task)
+    task_manager = eval_tasks.task_manager(lm_eval_task, tasks_dir, include_paths)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=[lm_eval_task],
