@@ -80,40 +80,64 @@ def make_tokenizer():
 
 
 def make_tiny_model(arch: str, num_layers: int = 4, vocab_size: int = 320, seed: int = 0):
-    """A random tiny causal LM of the given architecture, float32, eval mode."""
+    """A random tiny causal LM of the given architecture, float32, eval mode.
+
+    Llama-style: llama, qwen2, qwen3, mistral; mixture of experts: mixtral, qwen2_moe; other families:
+    opt (pre-norm, final layer norm), opt_projected (OPT-350m's layout: post-norm, project_in/out, no
+    final norm), gpt_neox (Pythia: parallel residual, partial rotary), gemma3 (sliding and full layers,
+    a rotary table per type, logit soft-capping).
+    """
     import torch
     from transformers import (
         AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPTNeoXConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
+        OPTConfig,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
     )
 
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
-                  "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[arch]  # fmt: skip
-    moe = {
-        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                      "shared_expert_intermediate_size": 32},
-    }.get(arch, {})  # fmt: skip
-    config = config_cls(
-        **moe,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,  # hidden / heads; Qwen3 would otherwise default to 128
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
+    tokens = {"vocab_size": vocab_size, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    if arch in ("opt", "opt_projected"):
+        projected = arch == "opt_projected"
+        config = OPTConfig(**tokens, hidden_size=32, ffn_dim=64, num_hidden_layers=num_layers, num_attention_heads=4,
+                           max_position_embeddings=256, word_embed_proj_dim=16 if projected else 32,
+                           do_layer_norm_before=not projected, dropout=0.0, tie_word_embeddings=False)  # fmt: skip
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(**tokens, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                               num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=256,
+                               use_parallel_residual=True, tie_word_embeddings=False)  # fmt: skip
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**tokens, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                  layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                                  + ["sliding_attention"] * (num_layers % 2),
+                                  final_logit_softcapping=3.0, max_position_embeddings=256,
+                                  tie_word_embeddings=False)  # fmt: skip
+    else:
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
+                      "mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig}[arch]  # fmt: skip
+        moe = {
+            "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+            "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                          "shared_expert_intermediate_size": 32},
+        }.get(arch, {})  # fmt: skip
+        config = config_cls(
+            **moe,
+            **tokens,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,  # hidden / heads; Qwen3 would otherwise default to 128
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

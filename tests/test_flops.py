@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from radial.routing.flops import Shape, forward_flops, ideal_speedup
+from radial.routing.flops import Shape, forward_flops, ideal_speedup, layer_flops
 
 # 2 layers, hidden 8, 2 query heads and 1 key-value head of 4, MLP 16, vocabulary 10. Per token:
 # k and v projections 2*8*(2*1*4) = 128; q and o 2*8*2*4*2 = 256; scores and values 2*2*2*4 = 32 per
@@ -58,3 +58,17 @@ def test_shape_from_a_hugging_face_config():
                          num_hidden_layers=3, vocab_size=50)  # fmt: skip
     assert Shape.of(config) == Shape(num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=96, vocab=50)
     assert ideal_speedup(SHAPE, []) is None  # nothing recorded: no ideal
+
+
+def test_shape_counts_what_one_token_s_mlp_computes_in_other_families():
+    from conftest import make_tiny_model
+
+    opt = Shape.of(make_tiny_model("opt").config)  # fc1, fc2 of ffn_dim; no grouped keys
+    assert (opt.intermediate, opt.mlp_matrices, opt.kv_heads) == (64, 2, 4)
+    assert Shape.of(make_tiny_model("gpt_neox").config).mlp_matrices == 2
+    mixtral = Shape.of(make_tiny_model("mixtral").config)  # 2 of 4 experts per token, each 64 wide
+    assert (mixtral.intermediate, mixtral.mlp_matrices) == (2 * 64, 3)
+    qwen_moe = Shape.of(make_tiny_model("qwen2_moe").config)  # 2 experts of 32, plus the shared expert of 32
+    assert qwen_moe.intermediate == 2 * 32 + 32
+    mlp_only, _ = layer_flops(opt, torch.tensor([1]), skip="mlp")
+    assert mlp_only.item() == 2 * 2 * 32 * 64

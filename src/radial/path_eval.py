@@ -11,7 +11,7 @@ after it, attending to the keys/values the trie holds for the earlier blocks. Th
 per-(layer, occurrence) KV cache of radial.routing, keyed by path prefix instead of by one path.
 
 The layers are the stock Hugging Face decoder layers, called with the masks and rotary
-embeddings radial.routing builds for them (`call_decoder_layer`, `attention_masks`), so a path's
+embeddings radial.routing builds for them (`Backbone.call_layer`, `attention_masks`), so a path's
 logits are those of `RoutedForCausalLM` with that path (tests check this).
 
 Cost is counted in *block evaluations*: one decoder layer applied to one block of one example
@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from radial.routing import RoutedForCausalLM, attention_masks, call_decoder_layer
+from radial.routing import RoutedForCausalLM, attention_masks
 from radial.utils import RadialError
 
 Blocks = tuple[tuple[int, ...], ...]  # the blocks after the prompt, in order
@@ -138,7 +138,7 @@ class PathEvaluator:
         if entry is None or entry.logits is None:
             self._run(path, nodes, blocks)
             entry = nodes[-1].entries[blocks]
-            entry.logits = self.parts.lm_head(self.parts.norm(entry.hidden))[0].float()
+            entry.logits = self.parts.head(entry.hidden)[0].float()
         return entry.logits
 
     def _run(self, path: Sequence[int], nodes: list[_Node], blocks: Blocks) -> None:
@@ -146,13 +146,14 @@ class PathEvaluator:
         while depth < len(nodes) and blocks in nodes[depth].entries:
             depth += 1
         tokens = blocks[-1] if blocks else self.prompt
+        past_length = len(self.prompt) + sum(len(block) for block in blocks[:-1]) if blocks else 0
+        position_ids = torch.arange(past_length, past_length + len(tokens), device=self.device).unsqueeze(0)
         if depth == 0:
             ids = torch.tensor([tokens], device=self.device)
-            self._root.entries[blocks] = _Entry(self.parts.embed_tokens(ids), None, None)
+            self._root.entries[blocks] = _Entry(self.parts.embed(ids, None, position_ids), None, None)
             depth = 1
         hidden = nodes[depth - 1].entries[blocks].hidden
-        past_length = len(self.prompt) + sum(len(block) for block in blocks[:-1]) if blocks else 0
-        position_ids, position_embeddings, masks = self._inputs(past_length, hidden)
+        position_embeddings, masks = self._inputs(past_length, hidden, position_ids)
         earlier = [blocks[:i] for i in range(len(blocks))]  # keys of the blocks before this one
         for node, layer in zip(nodes[depth:], path[depth - 1 :]):
             if earlier:
@@ -161,12 +162,12 @@ class PathEvaluator:
                 kv = _PastKV(past_length, keys, values)
             else:
                 kv = _PastKV(0)
-            hidden = call_decoder_layer(
+            hidden = self.parts.call_layer(
                 self.parts.layers[layer],
                 hidden,
                 mask=masks[self.layer_types[layer]],
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[self.layer_types[layer]],
                 past_key_values=kv,
                 use_cache=True,
             )
@@ -174,14 +175,12 @@ class PathEvaluator:
             self.block_evaluations += 1
             self.layer_tokens += len(tokens)
 
-    def _inputs(self, past_length: int, hidden: torch.Tensor) -> tuple:
-        """Position ids, rotary embeddings and masks of a block (the same for every path)."""
+    def _inputs(self, past_length: int, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        """Rotary embeddings (per attention type) and masks of a block (the same for every path)."""
         key = (past_length, hidden.shape[1])
         if key not in self._block_inputs:
-            position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=self.device).unsqueeze(0)
             self._block_inputs[key] = (
-                position_ids,
-                self.parts.rotary_emb(hidden, position_ids=position_ids),
+                self.parts.position_embeddings(hidden, position_ids, self.layer_types),
                 attention_masks(
                     self.routed.text_config, self.layer_types, hidden, None, _PastKV(past_length), position_ids
                 ),

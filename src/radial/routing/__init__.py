@@ -16,13 +16,13 @@ Importing this package registers the routed config/model with transformers' Auto
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from radial.routing.backbone import Backbone
 from radial.routing.cache import RoutedCache
 from radial.routing.early_exit import ConfidenceExitRouter
 from radial.routing.model import (
     RoutedConfig,
     RoutedForCausalLM,
     attention_masks,
-    call_decoder_layer,
     reference_forward,
 )
 from radial.routing.paths import (
@@ -61,6 +61,7 @@ __all__ = [
     "REPEAT",
     "SKIP",
     "TOKEN_SKIPS",
+    "Backbone",
     "ConfidenceExitRouter",
     "DrLLMRouter",
     "FunctionRouter",
@@ -76,7 +77,6 @@ __all__ = [
     "TokenRouter",
     "attention_masks",
     "build_router",
-    "call_decoder_layer",
     "counts_to_path",
     "dense_path",
     "is_monotone",

@@ -50,7 +50,7 @@ class ConfidenceExitRouter(Router):
         return {"num_layers": self.num_layers, "exits": self.exits, "threshold": self.threshold}
 
     def bind(self, parts) -> None:
-        """Called by RoutedForCausalLM with its modules (final norm and LM head are read, never copied)."""
+        """Called by RoutedForCausalLM with its Backbone (final norm and LM head are read, never copied)."""
         self._parts = parts
 
     @torch.no_grad()
@@ -65,7 +65,7 @@ class ConfidenceExitRouter(Router):
             positions = torch.arange(seq, device=hidden_states.device)
             last = (attention_mask[:, -seq:].bool() * (positions + 1)).argmax(-1)
         hidden = hidden_states[torch.arange(batch, device=hidden_states.device), last]
-        logits = self._parts.lm_head(self._parts.norm(hidden)).float()
+        logits = self._parts.head(hidden).float()
         return logits.softmax(-1).amax(-1)
 
     def forward(self, layer_idx: int, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -30,21 +30,28 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
+    intermediate: int  # what one token's MLP computes: experts per token x expert width (+ a shared expert)
     vocab: int
+    mlp_matrices: int = 3  # gated MLPs (gate, up, down); 2 for OPT's and GPT-NeoX's fc1 / fc2
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
-        """From a Hugging Face text config (Llama-style names)."""
+        """From a Hugging Face text config (Llama-style names; OPT's ffn_dim; MoE experts per token)."""
         heads = config.num_attention_heads
+        intermediate = getattr(config, "intermediate_size", None) or config.ffn_dim
+        experts_per_token = getattr(config, "num_experts_per_tok", None)
+        if experts_per_token:
+            expert = getattr(config, "moe_intermediate_size", None) or intermediate
+            intermediate = experts_per_token * expert + (getattr(config, "shared_expert_intermediate_size", None) or 0)
         return cls(
             num_layers=config.num_hidden_layers,
             hidden=config.hidden_size,
             heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            intermediate=config.intermediate_size,
+            intermediate=intermediate,
             vocab=config.vocab_size,
+            mlp_matrices=2 if config.model_type in ("opt", "gpt_neox") else 3,
         )
 
 
@@ -56,7 +63,7 @@ def layer_flops(shape: Shape, keys_seen: torch.Tensor, skip: str = "layer") -> t
     d, hd = shape.hidden, shape.head_dim
     kv_projections = torch.full_like(keys_seen, 2 * d * (2 * shape.kv_heads * hd), dtype=torch.float64)
     attention = 2 * d * shape.heads * hd * 2 + 2 * 2 * shape.heads * hd * keys_seen.double()  # q, o; scores, values
-    mlp = torch.full_like(kv_projections, 2 * 3 * d * shape.intermediate)
+    mlp = torch.full_like(kv_projections, 2 * shape.mlp_matrices * d * shape.intermediate)
     if skip == "mlp":
         return mlp, kv_projections + attention
     return attention + mlp, kv_projections

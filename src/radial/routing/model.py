@@ -50,6 +50,7 @@ from transformers.masking_utils import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from radial.layers import find_decoder_layers
+from radial.routing.backbone import Backbone
 from radial.routing.cache import RoutedCache, SlotView, layer_types_of
 from radial.routing.paths import Step, dense_path, paths_from_steps, schedule, validate_path
 from radial.routing.routers import Router, RouterBudget, TokenRouter, build_router, router_spec
@@ -133,21 +134,10 @@ class RoutedConfig(PreTrainedConfig):
 
 
 @dataclass
-class _BaseParts:
-    """The stock modules the driver calls (references into the wrapped model, not copies)."""
-
-    embed_tokens: nn.Module
-    rotary_emb: nn.Module
-    layers: list[nn.Module]
-    norm: nn.Module
-    lm_head: nn.Module
-
-
-@dataclass
 class _LayerInputs:
     """What every layer call of one forward shares (per-row slices are cached by row set)."""
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: dict[str, Any]  # per attention type: rotary (cos, sin), or None
     position_ids: torch.Tensor
     masks: dict[str, Any]
     layer_types: list[str]
@@ -157,18 +147,18 @@ class _LayerInputs:
     def __post_init__(self) -> None:
         self._row_cache: dict[tuple, tuple] = {}
 
-    def for_rows(self, step: Step) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """(mask, position_ids, position_embeddings) restricted to the step's rows."""
+    def for_rows(self, step: Step) -> tuple[Any, torch.Tensor, Any]:
+        """(mask, position_ids, position_embeddings) of the step's layer, restricted to the step's rows."""
         layer_type = self.layer_types[step.layer]
+        rotary = self.position_embeddings[layer_type]
         if step.rows is None:
-            return self.masks[layer_type], self.position_ids, self.position_embeddings
+            return self.masks[layer_type], self.position_ids, rotary
         key = (step.row_list, layer_type)
         if key not in self._row_cache:
-            cos, sin = self.position_embeddings
             self._row_cache[key] = (
                 _select_rows(self.masks[layer_type], step.rows),
                 _select_rows(self.position_ids, step.rows),
-                (_select_rows(cos, step.rows), _select_rows(sin, step.rows)),
+                None if rotary is None else tuple(_select_rows(table, step.rows) for table in rotary),
             )
         return self._row_cache[key]
 
@@ -227,7 +217,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         # find_decoder_layers and state-dict names work as for the base model.
         self.model = base_model.base_model
         self.lm_head = base_model.get_output_embeddings()
-        self.parts = self._find_parts(base_model)
+        self.parts = Backbone.of(base_model)
+        head_name = next(name for name, module in base_model.named_modules() if module is self.lm_head)
+        self._base_prefixes = {"model.": f"{base_model.base_model_prefix}.", "lm_head.": f"{head_name}."}
         self._cache_layout = layer_types_of(self.text_config)
         self.layer_types = self._cache_layout[0]
         self.router = router
@@ -249,21 +241,6 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     # ----------------------------------------------------------------- construction
-    @staticmethod
-    def _find_parts(base_model: PreTrainedModel) -> _BaseParts:
-        layers = find_decoder_layers(base_model)
-        backbone = base_model.base_model
-        missing = [name for name in ("embed_tokens", "rotary_emb", "norm") if not hasattr(backbone, name)]
-        lm_head = base_model.get_output_embeddings()
-        if lm_head is None:
-            missing.append("lm_head")
-        if missing:
-            raise RadialError(
-                f"cannot route {type(base_model).__name__}: its backbone {type(backbone).__name__} has no "
-                f"{', '.join(missing)} (routing drives Llama-style decoders: Llama, Qwen2, Mistral, ...)"
-            )
-        return _BaseParts(backbone.embed_tokens, backbone.rotary_emb, list(layers), backbone.norm, lm_head)
-
     @classmethod
     def from_base(
         cls,
@@ -361,6 +338,16 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
                 + (f"; its config sets {', '.join(extras)}, which the routing driver does not apply" if extras else "")
                 + "; see README, 'Model families', to add the family"
             )
+
+    def base_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A routed state dict's base weights under the base model's own names (router weights left out):
+        the backbone sits at `model` here, at the family's prefix there (`gpt_neox` for GPT-NeoX)."""
+        renamed = {}
+        for key, value in state.items():
+            prefix = next((p for p in self._base_prefixes if key.startswith(p)), None)
+            if prefix is not None:
+                renamed[self._base_prefixes[prefix] + key.removeprefix(prefix)] = value
+        return renamed
 
     # ----------------------------------------------------------------- routing controls
     @property
@@ -520,7 +507,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = torch.randn(2, seq, self.text_config.hidden_size, generator=generator)
         hidden = hidden.to(device=weight.device, dtype=weight.dtype)
         position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
-        position_embeddings = self.parts.rotary_emb(hidden, position_ids=position_ids)
+        rotary = self.parts.position_embeddings(hidden, position_ids, [layer_type])
+        position_embeddings = rotary[layer_type]
         masks = attention_masks(self.text_config, {layer_type}, hidden, None, None, position_ids, materialize=True)
         steps = torch.arange(seq, device=hidden.device)
         run = torch.stack([steps % 3 != 1, steps % 4 == 1])
@@ -531,9 +519,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         try:
             # layer.forward, not layer(...): hooks that count layer calls should not count the probe.
             mask = masks[layer_type]
-            full = call_decoder_layer(layer.forward, hidden, mask=mask, past_key_values=stock_cache, **common)
+            full = self.parts.call_layer(layer.forward, hidden, mask=mask, past_key_values=stock_cache, **common)
             if skip == "layer":
-                batch = TokenBatch(hidden, None, masks, position_embeddings)
+                batch = TokenBatch(hidden, None, masks, rotary)
                 got = run_layer_on_tokens(layer, hidden, batch.running(run), batch, layer_type, sparse_cache)
                 expected = torch.where(run.unsqueeze(-1), full, hidden)
             else:
@@ -613,20 +601,21 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             if kwargs.pop(unsupported, False):
                 raise RadialError(f"{unsupported} is not supported by the routed model")
         kwargs.pop("return_dict", None)
-        hidden = self.parts.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        batch_size, seq_len = hidden.shape[:2]
+        batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if use_cache is None:
             use_cache = bool(getattr(self.text_config, "use_cache", True)) and not self.training
         cache = self._cache_for(past_key_values, use_cache, batch_size)
         if position_ids is None:
             past_seen = cache.seen_tokens if cache is not None else 0
-            position_ids = torch.arange(past_seen, past_seen + seq_len, device=hidden.device).unsqueeze(0)
+            device = (input_ids if inputs_embeds is None else inputs_embeds).device
+            position_ids = self.parts.default_position_ids(attention_mask, past_seen, seq_len, device)
+        hidden = self.parts.embed(input_ids, inputs_embeds, position_ids)
         token_router = self.router if self.config.routing_mode == "token" and paths is None else None
         sparse_reasons = self._sparse_token_reasons() if token_router is not None else None
         # Packed queries gather rows of the mask, so it must exist even where sdpa would infer it.
         packed_queries = self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons
         layer_inputs = _LayerInputs(
-            position_embeddings=self.parts.rotary_emb(hidden, position_ids=position_ids),
+            position_embeddings=self.parts.position_embeddings(hidden, position_ids, self.layer_types),
             position_ids=position_ids,
             masks=self._masks(hidden, attention_mask, cache, position_ids, materialize=packed_queries),
             layer_types=self.layer_types,
@@ -656,9 +645,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.finish_forward(seq_len)
 
-        hidden = self.parts.norm(hidden)
+        hidden = self.parts.final(hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.parts.lm_head(hidden[:, keep, :])
+        logits = self.parts.logits(hidden[:, keep, :])
         if token_router is not None and self._token_run_records:
             self._token_run_records[-1]["logit_rows"] = logits.shape[0] * logits.shape[1]
         loss = None
@@ -716,7 +705,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _call_layer(self, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view: SlotView | None):
         """Run one stock decoder layer on the step's rows, called as the model's own forward calls it."""
-        return self._on_step_rows(call_decoder_layer, step, hidden, inputs, view)
+        return self._on_step_rows(self.parts.call_layer, step, hidden, inputs, view)
 
     def _attention_residual(self, step, hidden, inputs, view) -> torch.Tensor:
         """The step's layer up to its attention residual (token_skip "mlp": every token runs this part)."""
@@ -807,7 +796,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             return self._scaled(mid, out, scale)
         if running.width == 0:  # only the keys and values later tokens attend to (none without a cache)
             if view is not None:
-                write_keys_values(layer, layer.input_layernorm(hidden), batch, view)
+                write_keys_values(layer, layer.input_layernorm(hidden), batch, self.layer_types[step.layer], view)
             return hidden
         if running.every_token:
             return self._scaled(hidden, self._call_layer(step, hidden, inputs, view), scale)
@@ -974,36 +963,6 @@ def attention_masks(
     }
 
 
-def call_decoder_layer(
-    layer: nn.Module,
-    hidden: torch.Tensor,
-    *,
-    mask: Any,
-    position_ids: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    past_key_values: Any = None,
-    use_cache: bool = False,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Call one stock decoder layer as the model's own forward calls it; return its output hidden states.
-
-    `past_key_values` is what the layer's attention writes its keys and values into (via
-    `update(key, value, layer_idx)`), e.g. a `SlotView` of a `RoutedCache`.
-    """
-    out = layer(
-        hidden,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
-    if isinstance(out, tuple):  # older transformers returned (hidden, ...)
-        out = out[0]
-    return out
-
-
 class _KeyValueRecorder:
     """A stand-in cache that keeps what one layer call writes (the sparse probe compares them)."""
 
@@ -1046,27 +1005,18 @@ def reference_forward(base_model: PreTrainedModel, input_ids: torch.Tensor, path
     The routed model must agree with this for every path; it is deliberately independent of the
     schedule, the cache and the masks' row selection.
     """
-    backbone = base_model.base_model
-    hidden = backbone.embed_tokens(input_ids)
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-    position_embeddings = backbone.rotary_emb(hidden, position_ids=position_ids)
+    parts = Backbone.of(base_model)
+    position_ids = parts.default_position_ids(None, 0, input_ids.shape[1], input_ids.device)
+    hidden = parts.embed(input_ids, None, position_ids)
     layer_types, _ = layer_types_of(base_model.config)
-    masks = {
-        t: _MASK_FUNCTIONS[t](
-            config=base_model.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
-        for t in set(layer_types)
-    }
-    layers = find_decoder_layers(base_model)
+    rotary = parts.position_embeddings(hidden, position_ids, layer_types)
+    masks = attention_masks(base_model.config, layer_types, hidden, None, None, position_ids)
     for layer in path:
-        hidden = layers[layer](
+        hidden = parts.call_layer(
+            parts.layers[layer],
             hidden,
-            attention_mask=masks[layer_types[layer]],
+            mask=masks[layer_types[layer]],
             position_ids=position_ids,
-            position_embeddings=position_embeddings,
+            position_embeddings=rotary[layer_types[layer]],
         )
-    return base_model.get_output_embeddings()(backbone.norm(hidden))
+    return parts.head(hidden)

@@ -150,7 +150,7 @@ class TokenBatch:
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None,
         masks: dict[str, Any],
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         self.batch_size, self.seq_len = batch, seq = hidden.shape[:2]
         device = hidden.device
@@ -167,7 +167,7 @@ class TokenBatch:
         self.masks = masks
         self.position_embeddings = position_embeddings
         self._mask_rows: dict[str, torch.Tensor] = {}
-        self._rotary_rows: torch.Tensor | None = None
+        self._rotary_rows: dict[str, torch.Tensor] = {}
 
     def running(self, run: torch.Tensor) -> RunningTokens:
         """Gather indices for the real tokens among `run` [batch, seq] (True: the token runs the layer)."""
@@ -201,15 +201,17 @@ class TokenBatch:
             self._mask_rows[layer_type] = mask.reshape(self.batch_size * self.seq_len, -1)
         return self._mask_rows[layer_type]
 
-    def rotary_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of the given flat tokens, [tokens, head_dim] each."""
-        if self._rotary_rows is None:  # cos and sin side by side, so that one gather serves both
-            cos, sin = (table.expand(self.batch_size, self.seq_len, -1) for table in self.position_embeddings)
-            self._rotary_rows = torch.stack([cos, sin], dim=2).reshape(self.batch_size * self.seq_len, 2, -1)
-        return self._rotary_rows.index_select(0, tokens).unbind(1)
+    def rotary_rows(self, layer_type: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the layer type's rotary table at the given flat tokens, [tokens, head_dim] each."""
+        if layer_type not in self._rotary_rows:  # cos and sin side by side, so that one gather serves both
+            tables = self.position_embeddings[layer_type]
+            cos, sin = (table.expand(self.batch_size, self.seq_len, -1) for table in tables)
+            rows = torch.stack([cos, sin], dim=2).reshape(self.batch_size * self.seq_len, 2, -1)
+            self._rotary_rows[layer_type] = rows
+        return self._rotary_rows[layer_type].index_select(0, tokens).unbind(1)
 
 
-def write_keys_values(layer: nn.Module, normed: torch.Tensor, batch: TokenBatch, view: Any):
+def write_keys_values(layer: nn.Module, normed: torch.Tensor, batch: TokenBatch, layer_type: str, view: Any):
     """This layer's keys and values for every token (from the normed hidden states they carry),
     written through `view` as the stock attention writes them; returns all keys and values to attend to."""
     attention = layer.self_attn
@@ -217,7 +219,7 @@ def write_keys_values(layer: nn.Module, normed: torch.Tensor, batch: TokenBatch,
     keys = attention.k_proj(normed).view(shape)
     if hasattr(attention, "k_norm"):
         keys = attention.k_norm(keys)
-    keys = _rotate(attention, keys.transpose(1, 2), *batch.position_embeddings)
+    keys = _rotate(attention, keys.transpose(1, 2), *batch.position_embeddings[layer_type])
     values = attention.v_proj(normed).view(shape).transpose(1, 2)
     if view is None:
         return keys, values
@@ -237,9 +239,9 @@ def run_layer_on_tokens(
     batch_size, seq, width = hidden.shape[0], hidden.shape[1], running.width
     attention = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    keys, values = write_keys_values(layer, normed, batch, view)
+    keys, values = write_keys_values(layer, normed, batch, layer_type, view)
 
-    cos, sin = batch.rotary_rows(running.rows)
+    cos, sin = batch.rotary_rows(layer_type, running.rows)
     queries = attention.q_proj(normed.reshape(batch_size * seq, -1).index_select(0, running.rows))
     queries = queries.view(queries.shape[0], -1, attention.head_dim)
     if hasattr(attention, "q_norm"):

@@ -85,14 +85,14 @@ def executed_fraction(gates: list[torch.Tensor], real: torch.Tensor) -> torch.Te
 
 
 class FinalHidden:
-    """Keeps the output of a model's final norm (the hidden state the LM head reads)."""
+    """Keeps the hidden state the LM head reads (after the final norm and any projection), in any family."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, lm_head: nn.Module) -> None:
         self.value: torch.Tensor | None = None
-        self._handle = norm.register_forward_hook(self._keep)
+        self._handle = lm_head.register_forward_pre_hook(self._keep)
 
-    def _keep(self, module, args, output) -> None:
-        self.value = output
+    def _keep(self, module, args) -> None:
+        self.value = args[0]
 
     def remove(self) -> None:
         self._handle.remove()
@@ -104,13 +104,13 @@ class Distiller:
     def __init__(self, teacher: nn.Module, args: argparse.Namespace) -> None:
         self.teacher = teacher
         self.args = args
-        self.teacher_hidden = FinalHidden(teacher.base_model.norm)
+        self.teacher_hidden = FinalHidden(teacher.get_output_embeddings())
         self.student_hidden: FinalHidden | None = None
 
     def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         student = engine.module
         if self.student_hidden is None:
-            self.student_hidden = FinalHidden(student.parts.norm)
+            self.student_hidden = FinalHidden(student.parts.lm_head)
         real = batch["attention_mask"].bool()
         if next(self.teacher.parameters()).device != batch["input_ids"].device:
             self.teacher.to(batch["input_ids"].device)
@@ -234,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         device = result.engine.device
         trained_base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        trained_base.load_state_dict({k: v for k, v in state.items() if not k.startswith("router.")})
+        trained_base.load_state_dict(student.base_state_dict(state))
         trained_router = GateTokenRouter(num_layers, student_base.config.hidden_size, init_bias=args.init_bias)
         trained_router.load_state_dict({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")})
         final = RoutedForCausalLM.from_base(trained_base, router=trained_router).to(device).eval()

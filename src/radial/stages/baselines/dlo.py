@@ -268,7 +268,7 @@ def main(args: argparse.Namespace) -> int:
         traffic.remove()
         state = training.gathered_state_dict(result.engine)
         trained_base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        trained_base.load_state_dict({k: v for k, v in state.items() if not k.startswith("router.")})
+        trained_base.load_state_dict(routed.base_state_dict(state))
         trained_router = GateTokenRouter(num_layers, base.config.hidden_size, init_bias=args.init_bias)
         prefix = "router.inner." if args.train_selection == "topk" else "router."
         trained_router.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})

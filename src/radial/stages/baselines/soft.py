@@ -32,6 +32,7 @@ from radial.variant_folders import VARIANT_INFO
 from radial.corpus import FinetuneBatches
 from radial.finetuning import add_finetune_arguments, causal_lm_loss, load_for_finetuning, training_summary
 from radial.layers import find_decoder_layers
+from radial.routing.backbone import Backbone
 from radial.settings import add_common_arguments
 from radial.utils import RadialError, atomic_path, write_json
 
@@ -59,6 +60,7 @@ class ExitOutputs:
         self.model = model
         self.exits = list(exits)
         self.hidden: dict[int, torch.Tensor] = {}
+        self.backbone = Backbone.of(model)
         layers = find_decoder_layers(model)
         self._handles = [layers[n - 1].register_forward_hook(self._keep(n)) for n in self.exits]
 
@@ -70,8 +72,7 @@ class ExitOutputs:
 
     def logits(self, exit_depth: int) -> torch.Tensor:
         """Sub-model `exit_depth`'s logits: the shared final norm and LM head on its hidden state."""
-        backbone = self.model.base_model
-        return self.model.get_output_embeddings()(backbone.norm(self.hidden[exit_depth]))
+        return self.backbone.head(self.hidden[exit_depth])
 
     def remove(self) -> None:
         for handle in self._handles:
