@@ -26,4 +26,5 @@ rule all:
         "results/report/report.md",
         "results/report/table.csv",
         "results/mcts/labels.jsonl",
+        wandb_report_targets(),
     default_target: True

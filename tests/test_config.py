@@ -137,3 +137,17 @@ def test_evaluation_timing_sets_the_cores_each_evaluation_holds(tmp_path, timing
     assert result.returncode == 0, result.stderr[-2000:]
     command = next(line for line in result.stdout.splitlines() if "radial evaluate" in line)
     assert command.startswith(f"Shell command: OMP_NUM_THREADS={threads} "), command
+
+
+def test_an_online_run_with_an_entity_ends_with_its_wandb_report(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    online = _dry_run(tmp_path, {"wandb": {"mode": "online", "entity": "my team"}})
+    assert online.returncode == 0, online.stderr
+    assert "python -m radial wandb-report --entity 'my team' --run-name default" in online.stdout
+    monkeypatch.setenv("WANDB_MODE", "offline")  # $WANDB_MODE overrides the config: offline runs have no Report yet
+    offline = _dry_run(tmp_path, {"wandb": {"mode": "online", "entity": "my team"}})
+    assert offline.returncode == 0 and "wandb-report" not in offline.stdout
+    monkeypatch.setenv("WANDB_MODE", "online")
+    nobody = _dry_run(tmp_path, {"wandb": {"mode": "online"}})  # no entity: nowhere to save it
+    assert nobody.returncode == 0 and "wandb-report" not in nobody.stdout

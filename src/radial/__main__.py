@@ -28,6 +28,7 @@ STAGES = {
     "dlo": ("radial.stages.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
     "evaluate": ("radial.stages.evaluate", "evaluate one model variant on one or more tasks with the stock lm-evaluation-harness"),
     "report": ("radial.stages.report", "collect evaluations and profiling plots into report.md and table.csv"),
+    "wandb-report": ("radial.stages.wandb_report", "a wandb Report of one run's tables, Pareto plot and training curves"),
 }
 
 

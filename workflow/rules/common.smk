@@ -94,6 +94,17 @@ def eval_limit(task):
     return config["evaluate"]["limit"] if override is None else override
 
 
+def wandb_entity():
+    """Who owns the wandb Report of this run: config wandb.entity, else $WANDB_ENTITY (None: no Report)."""
+    return config["wandb"].get("entity") or os.environ.get("WANDB_ENTITY") or None
+
+
+def wandb_report_targets():
+    """The wandb Report is built when runs go online and someone owns them; offline runs are synced first."""
+    mode = os.environ.get("WANDB_MODE") or config["wandb"]["mode"]
+    return ["results/report/wandb_report.txt"] if mode == "online" and wandb_entity() else []
+
+
 def common_flags():
     return cli_flags({"seed": config["seed"], "run_name": config["run_name"], "wandb_mode": config["wandb"]["mode"]})
 

@@ -19,3 +19,20 @@ rule report:
     shell:
         "python -m radial report --evaluations {input.evaluations} --profile {input.profile} --base-model {input.model}"
         " {params.mcts} --out-dir results/report {params.common} > {log} 2>&1"
+
+
+rule wandb_report:
+    """With wandb.mode online and an entity: a wandb Report of this run (tables, Pareto, curves)."""
+    input:
+        report="results/report/report.md",
+    output:
+        "results/report/wandb_report.txt",
+    log:
+        "logs/wandb_report.log",
+    params:
+        entity=cli_flags({"entity": wandb_entity()}),
+        run_name=cli_flags({"run_name": config["run_name"]}),
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python -m radial wandb-report {params.entity} {params.run_name} > {output} 2> {log}"
