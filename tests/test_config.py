@@ -151,3 +151,11 @@ def test_an_online_run_with_an_entity_ends_with_its_wandb_report(tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "online")
     nobody = _dry_run(tmp_path, {"wandb": {"mode": "online"}})  # no entity: nowhere to save it
     assert nobody.returncode == 0 and "wandb-report" not in nobody.stdout
+
+
+def test_profiling_on_the_split_the_variants_are_scored_on_is_refused(tmp_path):
+    result = _dry_run(tmp_path, {"profile": {"split": "test"}})
+    assert result.returncode != 0
+    assert "profile.split: 'test' is the split the variants are scored on" in result.stderr + result.stdout
+    calibrated = _dry_run(tmp_path, {}, "results/profile")
+    assert calibrated.returncode == 0 and "--data results/data/synthetic/train.jsonl" in calibrated.stdout

@@ -55,6 +55,11 @@ try:
 except RadialError as err:
     raise WorkflowError(str(err)) from None
 RADIAL_EVAL_TASKS = [task for task in EVAL_TASKS if task in TASKS]  # the others need no data stage
+if config["profile"]["split"] == "test":
+    raise WorkflowError(
+        "profile.split: 'test' is the split the variants are scored on; calibrate on another split "
+        "(train, validation or dev): ShortGPT's pruned layers and the profile come from it"
+    )
 for key in ("limit_per_task", "num_fewshot"):
     for task in config["evaluate"][key]:
         if task not in EVAL_TASKS and task not in TASKS:  # radial's own carry schema defaults
