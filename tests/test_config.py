@@ -159,3 +159,14 @@ def test_profiling_on_the_split_the_variants_are_scored_on_is_refused(tmp_path):
     assert "profile.split: 'test' is the split the variants are scored on" in result.stderr + result.stdout
     calibrated = _dry_run(tmp_path, {}, "results/profile")
     assert calibrated.returncode == 0 and "--data results/data/synthetic/train.jsonl" in calibrated.stdout
+
+
+def test_the_reuse_student_is_its_own_variant_trained_with_its_own_flags(tmp_path):
+    config = {"evaluate": {"variants": ["dense", "radial", "radial_reuse"]}, "distill": {"reuse_layers": [2, 5], "max_depth": 10}}
+    result = _dry_run(tmp_path, config, "results/eval/radial-reuse/synthetic.json", "results/models/radial")
+    assert result.returncode == 0, result.stderr
+    reuse = next(line for line in result.stdout.splitlines() if "distill --reuse" in line)
+    assert "--out results/models/radial-reuse" in reuse and "--reuse-layers 2 5" in reuse and "--max-depth 10" in reuse
+    plain = next(line for line in result.stdout.splitlines() if "--out results/models/radial " in line)
+    assert "--reuse" not in plain and "--max-depth" not in plain  # the plain student neither reuses nor changes
+    assert "--model results/models/radial-reuse --variant radial-reuse" in result.stdout

@@ -13,6 +13,7 @@ import torch
 from conftest import make_tiny_model
 from radial.stages import distill
 from radial.routing import GateTokenRouter, RoutedForCausalLM
+from radial.utils import RadialError
 
 NUM_LAYERS = 4
 PAD = 2
@@ -167,3 +168,36 @@ def test_training_batches_attend_to_prompts_and_mask_only_padding():
 
     batch = distill.with_padding_mask(Batches())(0)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_reuse_student_starts_as_the_teacher_and_reloads_with_its_slots(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import radial.routing  # noqa: F401
+
+    write_data(tmp_path / "data")
+    out = tmp_path / "radial-reuse"
+    argv = [
+        "--model", tiny_llama_dir, "--data-dir", tmp_path / "data", "--out", out, "--steps", 12, "--reuse",
+        "--reuse-layers", 1, 2, "--max-depth", 5, "--batch-size", 8, "--seq-len", 32, "--target-fraction", 1.0,
+        "--compute-weight", 0, "--router-lr", 0.05, "--eval-every", 6, "--checkpoint-every", 6,
+        "--zero-stage", 1, "--wandb-mode", "disabled",
+    ]  # fmt: skip
+    assert run_stage([str(a) for a in argv]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["history"][0]["executed_fraction"] == 1.0  # first visits open, reuse slots closed: the teacher
+    assert info["history"][0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert len(info["held_out"]["layer_share"]) == NUM_LAYERS + 2 and info["cache_equals_no_cache"] is True
+    assert json.loads((out / "radial_variant.json").read_text())["method"] == "radial-reuse"
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert student.token_slots == (0, 1, 1, 2, 2, 3) and student.budget.max_layers == 5
+    assert student.router.num_layers == NUM_LAYERS + 2
+
+
+def test_reuse_layers_outside_the_model_are_named(tiny_llama_dir, tmp_path):
+    write_data(tmp_path / "data")
+    argv = ["--model", tiny_llama_dir, "--data-dir", tmp_path / "data", "--out", tmp_path / "x", "--reuse",
+            "--reuse-layers", 9, "--wandb-mode", "disabled"]  # fmt: skip
+    with pytest.raises(RadialError, match=r"--reuse-layers: layer 9 is not one of the model's 4 layers \(0-3\)"):
+        run_stage([str(a) for a in argv])
+    assert not (tmp_path / "x").exists()

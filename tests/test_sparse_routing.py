@@ -469,3 +469,76 @@ def test_dlo_score_scaling_is_the_same_sparse_and_reference_and_trains_the_route
     loss.backward()
     assert all(gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 for gate in router.gates)
     assert json.loads(routed.config.to_json_string())["token_score_gap"] == 0.5
+
+
+# ----------------------------------------------------------------------------- reuse
+REUSE_PATH = [0, 0, 1, 2, 2, 3, 3]  # layers 0, 2 and 3 may run twice
+
+
+class SlotRouter(TokenRouter):
+    """Gates per token slot from a per-layer router: first slots as `inner` says, reuse slots `reuse` (a logit)."""
+
+    def __init__(self, inner, path, reuse):
+        super().__init__()
+        self.inner, self.path, self.reuse, self.num_layers = inner, path, reuse, len(path)
+
+    def forward(self, slot, hidden_states, attention_mask):
+        if slot > 0 and self.path[slot - 1] == self.path[slot]:
+            if isinstance(self.reuse, float):
+                return hidden_states.new_full(hidden_states.shape[:2], self.reuse)
+            return self.reuse(slot, hidden_states, attention_mask)
+        return self.inner(self.path[slot], hidden_states, attention_mask)
+
+
+def reuse_routed(base, router, **kwargs):
+    return RoutedForCausalLM.from_base(copy.deepcopy(base), router=router, token_path=REUSE_PATH, **kwargs)
+
+
+def test_reuse_slots_never_run_equal_the_student_without_reuse(base):
+    inner = RandomTokenRouter(NUM_LAYERS, fraction=0.5, seed=3)
+    ids, mask = left_padded(seed=21)
+    with torch.no_grad():
+        plain = token_routed(base, router=inner)(ids, attention_mask=mask).logits
+        closed = reuse_routed(base, SlotRouter(inner, REUSE_PATH, -1.0))(ids, attention_mask=mask).logits
+    assert (plain - closed)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_every_slot_run_is_the_static_path_with_those_repeats(base):
+    """Keys and values per (layer, visit), as Dr.LLM's repeated layers have them: all gates open is the path."""
+    ids, mask = left_padded(seed=22)
+    routed = reuse_routed(base, RandomTokenRouter(len(REUSE_PATH), fraction=1.0))
+    static = RoutedForCausalLM.from_base(copy.deepcopy(base), paths=REUSE_PATH)
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        path = static(ids, attention_mask=mask).logits
+    assert (sparse - path)[mask.bool()].abs().max().item() <= 1e-4
+    assert torch.equal(greedy(routed, ids, mask), greedy(static, ids, mask))
+
+
+@pytest.mark.parametrize("max_depth", [None, 4])
+def test_reuse_is_sparse_equals_the_reference_and_caches_per_visit(base, max_depth):
+    from radial.routing import RouterBudget
+
+    routed = reuse_routed(base, RandomTokenRouter(len(REUSE_PATH), fraction=0.6, seed=5),
+                          budget=RouterBudget(max_layers=max_depth))  # fmt: skip
+    ids, mask = left_padded(seed=23)
+    with torch.no_grad():
+        assert routed.token_execution == "sparse"
+        with routed.recording_token_runs() as records:
+            sparse = routed(ids, attention_mask=mask)
+        cached, uncached = greedy(routed, ids, mask), greedy(routed, ids, mask, use_cache=False)
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+            reference_generation = greedy(routed, ids, mask)
+    assert (sparse.logits - reference)[mask.bool()].abs().max().item() <= 1e-4
+    assert torch.equal(cached, uncached) and torch.equal(cached, reference_generation)
+    assert [step.layer for step in sparse.past_key_values.steps] == REUSE_PATH  # one cache entry per visit
+    runs = torch.stack(records[0]["runs"]).sum(0)[mask.bool()]
+    assert runs.max().item() <= (max_depth or len(REUSE_PATH)) and runs.max().item() > NUM_LAYERS // 2
+
+
+def test_a_reuse_path_must_go_forward_and_match_its_router(base):
+    with pytest.raises(RadialError, match="token_path must not go back"):
+        RoutedForCausalLM.from_base(base, router=RandomTokenRouter(5), token_path=[0, 1, 1, 0, 2])
+    with pytest.raises(RadialError, match="router has 4 layers, the base model 7 token slots"):
+        RoutedForCausalLM.from_base(base, router=RandomTokenRouter(NUM_LAYERS), token_path=REUSE_PATH)

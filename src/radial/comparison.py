@@ -40,6 +40,7 @@ METHODS = {
     "dlo": Method("DLO-style skip", "^", "C3"),
     "routers": Method("Dr.LLM routers", "P", "C4"),
     "radial": Method("radial (distilled, token-routed)", "X", "C5"),
+    "radial-reuse": Method("radial with reuse (token-routed between layers)", "v", "C6"),
 }
 STATIC_CURVES = ("shortgpt", "soft-exit")
 BASELINES = ("shortgpt", "soft-exit", "soft-conf", "dlo")
@@ -49,6 +50,7 @@ _PATTERNS = [
     ("soft-conf", re.compile(r"^soft-conf([\d.]+)$")),
     ("dlo", re.compile(r"^dlo(?:-c([\d.]+))?$")),
     ("routers", re.compile(r"^routers(?:-b([-\d.]+))?$")),
+    ("radial-reuse", re.compile(r"^radial-reuse$")),
 ]
 TASK_LABELS = {
     "arc_easy": "ARC-Easy",

@@ -12,6 +12,7 @@ variant name is also its model folder under results/models/ and its wildcard:
                routers-b{bias}      evaluate.skip_biases.routers   the same routers, skip logit + bias
     radial     radial                                           the distilled token-routed student
                radial-b{bias}       evaluate.skip_biases.radial    the same student, gate threshold + bias
+    radial_reuse radial-reuse       distill.reuse_layers        the student with routing between layers and reuse
 
 Adding a value to a sweep list adds one variant: only its model folder, its evaluations and the
 report are (re)made. Numbers print with `:g` (0.9 -> "0.9", 1.0 -> "1").
@@ -64,6 +65,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "dlo": lambda config: [f"dlo-c{number(c)}" for c in config["baselines"]["dlo"]["capacity"]],
     "routers": lambda config: ["routers"] + knob_variants(config, "routers"),
     "radial": lambda config: ["radial"] + knob_variants(config, "radial"),
+    "radial_reuse": lambda config: ["radial-reuse"],
 }
 
 

@@ -143,9 +143,12 @@ def variant_model(wildcards):
         return f"results/models/{wildcards.variant}"
     knob = knob_setting(wildcards.variant)  # routers-b1: the routers' folder, evaluated at another skip bias
     trained = knob[0] if knob else wildcards.variant
-    return {"dense": "results/models/dense", "routers": "results/models/routers", "radial": "results/models/radial"}[
-        trained
-    ]
+    return {
+        "dense": "results/models/dense",
+        "routers": "results/models/routers",
+        "radial": "results/models/radial",
+        "radial-reuse": "results/models/radial-reuse",
+    }[trained]
 
 
 def knob_flags(wildcards):

@@ -17,7 +17,7 @@ rule distill:
     params:
         launcher=train_launcher(config["distill"]["gpus"]),
         checkpoints="results/train/distill/checkpoints",
-        flags=section_flags("distill", exclude=["gpus"]),
+        flags=section_flags("distill", exclude=["gpus", "reuse_layers", "max_depth"]),
         common=common_flags(),
     threads: workflow.cores
     resources:
@@ -26,5 +26,33 @@ rule distill:
         "../../envs/train.yaml"
     shell:
         "{params.launcher} distill --model {input.model} --data-dir results/data --out {output}"
+        " --checkpoint-dir {params.checkpoints} --threads {threads}"
+        " {params.flags} {params.common} > {log} 2>&1"
+
+
+# Radial routing with reuse (variant radial-reuse): the same distillation, but a token may run a
+# layer a second time right after the first (distill.reuse_layers), up to distill.max_depth runs.
+rule distill_reuse:
+    input:
+        model="results/models/dense",
+        data=expand("results/data/{task}", task=TASKS),
+    output:
+        directory("results/models/radial-reuse"),
+    log:
+        "logs/distill_reuse.log",
+    benchmark:
+        "benchmarks/distill_reuse.tsv"
+    params:
+        launcher=train_launcher(config["distill"]["gpus"]),
+        checkpoints="results/train/distill-reuse/checkpoints",
+        flags=section_flags("distill", exclude=["gpus"]),
+        common=common_flags(),
+    threads: workflow.cores
+    resources:
+        gpu=config["distill"]["gpus"],
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "{params.launcher} distill --reuse --model {input.model} --data-dir results/data --out {output}"
         " --checkpoint-dir {params.checkpoints} --threads {threads}"
         " {params.flags} {params.common} > {log} 2>&1"

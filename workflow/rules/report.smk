@@ -21,8 +21,8 @@ rule report:
         " {params.mcts} --out-dir results/report {params.common} > {log} 2>&1"
 
 
+# With wandb.mode online and an entity: a wandb Report of this run (tables, Pareto plot, curves).
 rule wandb_report:
-    """With wandb.mode online and an entity: a wandb Report of this run (tables, Pareto, curves)."""
     input:
         report="results/report/report.md",
     output:

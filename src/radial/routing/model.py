@@ -19,6 +19,17 @@ Routing modes (config.routing_mode):
   every token computed, then selected.
 A `paths=` argument to forward/generate overrides the mode for that call.
 
+Reuse (Radial Networks' routing between layers, token mode with config.token_path): the router
+has one gate per slot of a non-decreasing list of layers, e.g. [0, 0, 1, 1, 2, 2, ...]. After each
+step a token's next slot is the first whose gate runs it: the same layer again (its second slot), a
+later layer (the slots between are skipped), or none (exit; also once it has run
+`budget.max_layers` slots, the maximum dynamic depth). Every slot is a step of the schedule with
+its own cache entry, so keys and values are defined per (layer, occurrence): a token leaves at every
+slot it does not run, and at a slot it runs, the keys and values of the hidden state it carries into
+that slot — for a second visit, the state its first visit produced. Later tokens attend to exactly
+those, with or without a cache, so cached generation equals uncached; slots run sparsely like any
+token step.
+
 Once prefill has decided the paths they stay fixed: with a cache the schedule lives in the
 `RoutedCache`; inside `generate` without a cache the first forward's paths are reused.
 
@@ -52,7 +63,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from radial.layers import find_decoder_layers
 from radial.routing.backbone import Backbone
 from radial.routing.cache import RoutedCache, SlotView, layer_types_of
-from radial.routing.paths import Step, dense_path, paths_from_steps, schedule, validate_path
+from radial.routing.paths import Step, dense_path, is_monotone, paths_from_steps, schedule, validate_path
 from radial.routing.routers import Router, RouterBudget, TokenRouter, build_router, router_spec
 from radial.routing.sparse import (
     TOKEN_SKIPS,
@@ -109,6 +120,9 @@ class RoutedConfig(PreTrainedConfig):
         1 + (sigmoid(routing logit) - 0.5) * gap, the logit being the router's minus the budget's
         skip_bias (> 0 runs), so a language-model loss reaches the router through its score (DLO's
         rescaling, scale_gap 0.05 there); 0 adds it unscaled.
+    token_path: for "token": the slots a token may run, in order, as a non-decreasing list of layers
+        (None: each layer once). A layer listed twice can be reused: a token may run it again right
+        after (see "Reuse" in RoutedForCausalLM). The token router has one gate per slot.
     """
 
     model_type = "radial_routed"
@@ -123,6 +137,7 @@ class RoutedConfig(PreTrainedConfig):
     budget: dict | None = None
     token_skip: str = "layer"
     token_score_gap: float = 0.0
+    token_path: list | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         # PreTrainedConfig sets attn/experts implementation recursively on sub-configs; when we
@@ -225,6 +240,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.router = router
         self._bind_router()
         self.budget = RouterBudget(**(config.budget or {}))
+        self.token_path = tuple(validate_path(config.token_path, self.num_layers)) if config.token_path else None
+        if self.token_path is not None and not is_monotone(self.token_path):
+            raise RadialError(f"token_path must not go back to an earlier layer, got {list(self.token_path)}")
         self.static_paths = (
             [validate_path(p, self.num_layers) for p in config.static_paths] if config.static_paths else None
         )
@@ -252,6 +270,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         budget: RouterBudget | dict | None = None,
         token_skip: str = "layer",
         token_score_gap: float = 0.0,
+        token_path: Sequence[int] | None = None,
         **load_kwargs: Any,
     ) -> "RoutedForCausalLM":
         """Wrap a loaded model (or load one from a folder / hub id) with the given routing.
@@ -279,6 +298,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             budget=budget,
             token_skip=token_skip,
             token_score_gap=token_score_gap,
+            token_path=list(token_path) if token_path is not None else None,
         )
         routed = cls(config, base_model=base, router=router)
         routed.check_equivalence(base)
@@ -293,8 +313,10 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             raise RadialError("routing_mode 'router' needs a Router (example-level)")
         if mode == "token" and not isinstance(self.router, TokenRouter):
             raise RadialError("routing_mode 'token' needs a TokenRouter")
-        if self.router is not None and getattr(self.router, "num_layers", self.num_layers) != self.num_layers:
-            raise RadialError(f"router has {self.router.num_layers} layers, the base model {self.num_layers}")
+        slots = len(self.token_slots) if isinstance(self.router, TokenRouter) else self.num_layers
+        if self.router is not None and getattr(self.router, "num_layers", slots) != slots:
+            what = "token slots" if slots != self.num_layers else "layers"
+            raise RadialError(f"router has {self.router.num_layers} layers, the base model {slots} {what}")
         if self.config.token_skip not in TOKEN_SKIPS:
             raise RadialError(f"token_skip must be one of {', '.join(TOKEN_SKIPS)}, got {self.config.token_skip!r}")
         if mode == "token" and self.config.token_skip == "mlp":
@@ -353,6 +375,11 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def num_layers(self) -> int:
         return len(self.parts.layers)
+
+    @property
+    def token_slots(self) -> tuple[int, ...]:
+        """The layers a token may run in token mode, one per router gate (config.token_path, or each once)."""
+        return self.token_path if self.token_path is not None else tuple(dense_path(self.num_layers))
 
     def set_paths(self, paths: Any) -> None:
         """Static routing: one path for every example, or one path per example of each batch."""
@@ -625,7 +652,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
 
         if token_router is not None:
             decided = cache is not None and cache.decided
-            steps = cache.steps if decided else _cached_schedule((dense_path(self.num_layers),) * batch_size)
+            steps = cache.steps if decided else _cached_schedule((self.token_slots,) * batch_size)
             hidden = self._run_tokens(hidden, steps, layer_inputs, cache, token_router, attention_mask, sparse_reasons)
         elif cache is not None and cache.decided:
             steps = cache.steps
@@ -753,10 +780,12 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         executed_tokens = None
         for index, step in enumerate(steps):
             view = self._step_view(cache, index, step.to(hidden.device))
-            logits = token_router(step.layer, hidden, attention_mask)
+            logits = token_router(index, hidden, attention_mask)  # slot index = layer without reuse
             if self.budget.skip_bias:
                 logits = logits - self.budget.skip_bias
             run = logits > 0
+            if self.budget.max_layers is not None and executed_tokens is not None:
+                run = run & (executed_tokens < self.budget.max_layers)  # the maximum dynamic depth: exit
             scale = self._output_scale(logits)
             if batch is not None and sparse_reasons[step.layer] is None:
                 hidden = self._sparse_token_step(step, hidden, inputs, view, run, batch, scale)

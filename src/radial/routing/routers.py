@@ -188,18 +188,23 @@ class GateTokenRouter(TokenRouter):
     """Reference token router: per layer a linear gate on the token's hidden state.
 
     Initialised to run every token through every layer (zero weights, positive bias), so an
-    untrained gate reproduces the base model.
+    untrained gate reproduces the base model. `num_layers` counts gates: one per token slot (the
+    layers, or with reuse the slots of RoutedConfig.token_path); `init_bias` may give one bias per
+    gate (a reuse slot starts closed, so that the untrained student is still the base model).
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, init_bias: float = 1.0) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, init_bias: float | list[float] = 1.0) -> None:
         super().__init__()
+        biases = list(init_bias) if isinstance(init_bias, (list, tuple)) else [init_bias] * num_layers
+        if len(biases) != num_layers:
+            raise RadialError(f"init_bias gives {len(biases)} biases for {num_layers} gates")
         self.num_layers = num_layers
         self.hidden_size = hidden_size
-        self.init_bias = init_bias
+        self.init_bias = init_bias if not isinstance(init_bias, tuple) else list(init_bias)
         self.gates = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_layers))
-        for gate in self.gates:
+        for gate, bias in zip(self.gates, biases):
             nn.init.zeros_(gate.weight)
-            nn.init.constant_(gate.bias, init_bias)
+            nn.init.constant_(gate.bias, bias)
 
     def init_kwargs(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "init_bias": self.init_bias}

@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("target_fraction", "temperature", "hidden_weight", "compute_weight", "router_lr", "init_bias",
                  "train_layers"):
         settings.add_setting(parser, f"distill.{name}")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Radial routing with reuse (variant radial-reuse): a token may run a layer twice")  # fmt: skip
+    settings.add_setting(parser, "distill.reuse_layers")
+    settings.add_setting(parser, "distill.max_depth")
     settings.add_threads_argument(parser)
     training.add_train_arguments(parser, "distill")
     settings.add_common_arguments(parser)
@@ -76,12 +80,32 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
-def executed_fraction(gates: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens of the share of layers run (straight-through: value exact, gradient soft)."""
+def executed_fraction(gates: list[torch.Tensor], real: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+    """Mean over real tokens of layers run per layer of the model (straight-through: value exact, gradient
+    soft). One gate per token slot: with reuse there are more slots than layers, and a reused layer counts twice."""
     if not gates:
         raise RadialError("no token gates were recorded (is the student in token routing mode?)")
-    per_token = torch.stack(gates).mean(0)  # [batch, seq]
+    per_token = torch.stack(gates).sum(0) / (num_layers or len(gates))  # [batch, seq]
     return per_token[real].mean()
+
+
+def token_slots(num_layers: int, reuse: bool, reuse_layers: list[int] | None) -> list[int] | None:
+    """The student's token path: None without reuse, else every layer once plus a second slot for each
+    of `reuse_layers` (None: every layer)."""
+    if not reuse:
+        return None
+    reused = range(num_layers) if reuse_layers is None else sorted(set(reuse_layers))
+    bad = [layer for layer in reused if not 0 <= layer < num_layers]
+    if bad:
+        raise RadialError(f"--reuse-layers: layer {bad[0]} is not one of the model's {num_layers} layers (0-{num_layers - 1})")
+    return sorted([*range(num_layers), *reused])
+
+
+def slot_biases(path: list[int] | None, num_layers: int, init_bias: float) -> float | list[float]:
+    """Gates start open on a layer's first slot and closed on its reuse slot: the untrained student is the teacher."""
+    if path is None:
+        return init_bias
+    return [init_bias if i == 0 or path[i - 1] != layer else -abs(init_bias) for i, layer in enumerate(path)]
 
 
 class FinalHidden:
@@ -119,7 +143,7 @@ class Distiller:
         with student.straight_through_token_gates() as gates:
             student_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         kl = distillation_kl(student_logits, teacher_logits, real, self.args.temperature)
-        fraction = executed_fraction(gates, real)
+        fraction = executed_fraction(gates, real, student.num_layers)
         penalty = (fraction - self.args.target_fraction) ** 2
         loss = kl + self.args.compute_weight * penalty
         metrics = {"kl": kl.item(), "executed_fraction": fraction.item()}
@@ -168,8 +192,8 @@ def held_out_metrics(student, teacher, batches: list[dict], temperature: float) 
         tokens += count
         runs = torch.stack([g[real].sum() for g in gates]).cpu()
         layer_runs = runs if layer_runs is None else layer_runs + runs
-    shares = (layer_runs / tokens).tolist()
-    return {"kl": kl_sum / tokens, "executed_fraction": sum(shares) / len(shares), "layer_share": shares}
+    shares = (layer_runs / tokens).tolist()  # per token slot: per layer, or with reuse per (layer, visit)
+    return {"kl": kl_sum / tokens, "executed_fraction": sum(shares) / student.num_layers, "layer_share": shares}
 
 
 @torch.no_grad()
@@ -196,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     from radial.corpus import FinetuneBatches
     from radial.finetuning import load_for_finetuning
     from radial.layers import find_decoder_layers
-    from radial.routing import GateTokenRouter, RoutedForCausalLM
+    from radial.routing import GateTokenRouter, RoutedForCausalLM, RouterBudget
     from radial.utils import read_jsonl
 
     cfg = training.start_stage(args)
@@ -205,8 +229,12 @@ def main(args: argparse.Namespace) -> int:
     teacher_dtype = torch.bfloat16 if training.use_bf16(cfg.bf16) else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(args.model, dtype=teacher_dtype).eval().requires_grad_(False)
     num_layers = len(find_decoder_layers(student_base))
-    router = GateTokenRouter(num_layers, student_base.config.hidden_size, init_bias=args.init_bias)
-    student = RoutedForCausalLM.from_base(student_base, router=router).train()
+    path = token_slots(num_layers, args.reuse, args.reuse_layers)
+    biases = slot_biases(path, num_layers, args.init_bias)
+    budget = RouterBudget(max_layers=args.max_depth) if args.reuse and args.max_depth else None
+    slots = len(path) if path else num_layers
+    router = GateTokenRouter(slots, student_base.config.hidden_size, init_bias=biases)
+    student = RoutedForCausalLM.from_base(student_base, router=router, token_path=path, budget=budget).train()
     groups = [{"params": list(router.parameters()), "lr": args.router_lr}]
     if args.train_layers:
         groups.append({"params": list(student_base.parameters()), "lr": cfg.lr})
@@ -222,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
 
     fingerprint = training.run_fingerprint(
         args, "target_fraction", "temperature", "hidden_weight", "compute_weight", "router_lr", "init_bias",
-        "train_layers",
+        "train_layers", "reuse", "reuse_layers", "max_depth",
     )
     with tracking.stage_run("distill", args, config={"num_layers": num_layers, "train_config": vars(cfg)}) as run:
         result = training.train(
@@ -235,9 +263,10 @@ def main(args: argparse.Namespace) -> int:
         device = result.engine.device
         trained_base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         trained_base.load_state_dict(student.base_state_dict(state))
-        trained_router = GateTokenRouter(num_layers, student_base.config.hidden_size, init_bias=args.init_bias)
+        trained_router = GateTokenRouter(slots, student_base.config.hidden_size, init_bias=biases)
         trained_router.load_state_dict({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")})
-        final = RoutedForCausalLM.from_base(trained_base, router=trained_router).to(device).eval()
+        final = RoutedForCausalLM.from_base(trained_base, router=trained_router, token_path=path, budget=budget)
+        final = final.to(device).eval()
         final.config.base_model_name_or_path = str(args.model)
         teacher.to(device)
 
@@ -259,9 +288,11 @@ def main(args: argparse.Namespace) -> int:
             "history": result.history,
         }
         info = {
-            "method": "radial",
+            "method": "radial-reuse" if path else "radial",
             "description": f"token-routed student distilled from the dense model, target {args.target_fraction:.0%} "
-            f"of layers per token (held-out: {held['executed_fraction'] * num_layers:.2f} of {num_layers})",
+            f"of layers per token (held-out: {held['executed_fraction'] * num_layers:.2f} of {num_layers})"
+            + (f"; a token may run {len(path) - num_layers} of its layers twice (token slots {path}), "
+               f"at most {args.max_depth or len(path)} runs" if path else ""),  # fmt: skip
             "base_model": str(args.model),
             "num_layers": num_layers,
         }
