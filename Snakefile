@@ -27,4 +27,5 @@ rule all:
         "results/report/table.csv",
         "results/mcts/labels.jsonl",
         wandb_report_targets(),
+        depth_trend_targets(),
     default_target: True

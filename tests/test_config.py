@@ -30,7 +30,8 @@ def test_every_key_has_description_and_default():
         assert "default" in sub, f"{key} has no default"
 
 
-@pytest.mark.parametrize("config_file", ["config.yaml", "tests/workflow/config.yaml", "configs/llama-3.2-3b.yaml", "configs/qwen2.5-3b.yaml"])
+@pytest.mark.parametrize("config_file", ["config.yaml", "tests/workflow/config.yaml", "configs/llama-3.2-3b.yaml", "configs/qwen2.5-3b.yaml",
+                                         "configs/radial-depth-sweep.yaml", "configs/opt-family.yaml"])  # fmt: skip
 def test_shipped_configs_validate(config_file):
     config = yaml.safe_load((PROJECT_ROOT / config_file).read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(config)
@@ -170,3 +171,27 @@ def test_the_reuse_student_is_its_own_variant_trained_with_its_own_flags(tmp_pat
     plain = next(line for line in result.stdout.splitlines() if "--out results/models/radial " in line)
     assert "--reuse" not in plain and "--max-depth" not in plain  # the plain student neither reuses nor changes
     assert "--model results/models/radial-reuse --variant radial-reuse" in result.stdout
+
+
+def test_the_depth_sweep_pretrains_each_depth_on_one_token_budget_and_profiles_on_one_text(tmp_path):
+    sweep = yaml.safe_load((PROJECT_ROOT / "configs/radial-depth-sweep.yaml").read_text())
+    result = _dry_run(tmp_path, sweep, "depth_trend")
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    for layers in (6, 12, 24):
+        pretrain = next(c for c in commands if f"--out results/models/sweep/embedded-{layers}L " in c)
+        assert f"--layers {layers} " in pretrain and "--steps 1000 " in pretrain and "--hidden-size 128 " in pretrain
+        profile = next(c for c in commands if f"--out results/profile_sweep/embedded-{layers}L " in c)
+        assert "--data results/data/synthetic/train.jsonl" in profile
+    trend = next(c for c in commands if "radial depth-trend" in c)
+    assert all(f"results/profile_sweep/embedded-{layers}L" in trend for layers in (6, 12, 24))
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"name": "x"}, "profile.models entry 'x': give exactly one of name_or_path"),
+    ({"name": "x", "embedded": {"layers": 6}, "name_or_path": "facebook/opt-125m"}, "give exactly one of"),
+    ({"name": "x", "embedded": {"layer": 6}}, "profile.models entry 'x': unknown model.embedded key 'layer'"),
+])  # fmt: skip
+def test_a_bad_depth_sweep_entry_is_named_at_start(tmp_path, entry, message):
+    result = _dry_run(tmp_path, {"profile": {"models": [entry]}})
+    assert result.returncode != 0 and message in result.stderr + result.stdout

@@ -158,6 +158,9 @@ def test_cli_writes_every_output(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     num_layers = summary["num_layers"]
     assert num_layers == 4 and summary["n_examples"] == 12
+    from transformers import AutoModelForCausalLM
+
+    assert summary["num_parameters"] == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = [calibration_text(row) for row in map(json.loads, data.read_text().splitlines())]
     expected_tokens = sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=16)["input_ids"])

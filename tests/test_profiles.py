@@ -79,7 +79,8 @@ def test_slurm_profile_names_only_existing_rules(workflow_rules):
 def test_slurm_profile_requests_per_job(tmp_path):
     env = {"RADIAL_SLURM_PARTITION": "cpu-part", "RADIAL_SLURM_GPU_PARTITION": "gpu-part", "RADIAL_SLURM_ACCOUNT": "proj"}
     jobs = _dry_run(tmp_path, "--workflow-profile", str(SLURM_PROFILE), env=env)
-    gpu_families = {"profile", "mcts_shard", "routers", "distill", "distill_reuse", "shortgpt", "soft", "dlo", "evaluate"}
+    gpu_families = {"profile", "sweep_profile", "mcts_shard", "routers", "distill", "distill_reuse", "shortgpt", "soft",
+                    "dlo", "evaluate"}  # fmt: skip
     for rule, planned in jobs.items():
         for job in planned:
             if rule == "all":

@@ -29,6 +29,7 @@ STAGE_SECTIONS = {
     "dlo": ["baselines.finetune", "baselines.dlo"],
     "evaluate": ["evaluate"],
     "report": [],
+    "depth-trend": [],
     "wandb-report": ["wandb"],
 }
 COMMON = {"seed": "seed", "run_name": "run_name", "wandb_mode": "wandb.mode"}

@@ -27,6 +27,7 @@ STAGES = {
     "soft-exit": ("radial.stages.baselines.soft_exit", "SoFT variants: a fixed exit depth or a confidence-threshold early exit"),
     "dlo": ("radial.stages.baselines.dlo", "DLO-style baseline: per-layer token skip routers trained during fine-tuning"),
     "evaluate": ("radial.stages.evaluate", "evaluate one model variant on one or more tasks with the stock lm-evaluation-harness"),
+    "depth-trend": ("radial.stages.depth_trend", "the residual contribution of several profiled models against their depth and size"),
     "report": ("radial.stages.report", "collect evaluations and profiling plots into report.md and table.csv"),
     "wandb-report": ("radial.stages.wandb_report", "a wandb Report of one run's tables, Pareto plot and training curves"),
 }

@@ -35,6 +35,7 @@ PROJECT_DIR = Path(workflow.basedir)
 wildcard_constraints:
     task="|".join(TASKS),
     variant=r"\w[\w.-]*",
+    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
 
 
 def project_path(path):
@@ -64,6 +65,20 @@ for key in ("limit_per_task", "num_fewshot"):
     for task in config["evaluate"][key]:
         if task not in EVAL_TASKS and task not in TASKS:  # radial's own carry schema defaults
             raise WorkflowError(f"evaluate.{key}.{task}: {task!r} is not in evaluate.tasks ({', '.join(EVAL_TASKS)})")
+
+
+SWEEP_MODELS = [entry["name"] for entry in config["profile"]["models"]]
+for entry in config["profile"]["models"]:
+    where = f"profile.models entry {entry['name']!r}"
+    if ("name_or_path" in entry) == ("embedded" in entry):
+        raise WorkflowError(f"{where}: give exactly one of name_or_path (a Hub id or a folder) and embedded (a recipe)")
+    unknown = sorted(set(entry.get("embedded") or {}) - set(config["model"]["embedded"]))
+    if unknown:
+        raise WorkflowError(
+            f"{where}: unknown model.embedded key {unknown[0]!r} (known: {', '.join(sorted(config['model']['embedded']))})"
+        )
+if len(set(SWEEP_MODELS)) != len(SWEEP_MODELS):
+    raise WorkflowError(f"profile.models: names must differ ({', '.join(SWEEP_MODELS)})")
 
 
 def cli_flags(options):
@@ -136,6 +151,27 @@ def base_model_flags(wildcards):
         local = project_path(name_or_path)
         return cli_flags({"name_or_path": local if os.path.exists(local) else name_or_path})
     return f"--data-dir results/data {section_flags('model.embedded')}"
+
+
+def sweep_entry(name):
+    return next(entry for entry in config["profile"]["models"] if entry["name"] == name)
+
+
+def sweep_model_inputs(wildcards):
+    return [] if "name_or_path" in sweep_entry(wildcards.name) else expand("results/data/{task}", task=TASKS)
+
+
+def sweep_model_flags(wildcards):
+    """A sweep model like the run's own (base_model_flags): a Hub id or folder, or the embedded recipe overridden."""
+    entry = sweep_entry(wildcards.name)
+    if "name_or_path" in entry:
+        local = project_path(entry["name_or_path"])
+        return cli_flags({"name_or_path": local if os.path.exists(local) else entry["name_or_path"]})
+    return f"--data-dir results/data {cli_flags(config['model']['embedded'] | entry['embedded'])}"
+
+
+def depth_trend_targets():
+    return ["results/report/depth_trend"] if SWEEP_MODELS else []
 
 
 def variant_model(wildcards):

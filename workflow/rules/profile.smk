@@ -10,7 +10,7 @@ rule profile:
         "benchmarks/profile.tsv"
     params:
         split=config["profile"]["split"],
-        flags=section_flags("profile", exclude=["task", "split"]),
+        flags=section_flags("profile", exclude=["task", "split", "models"]),
         common=common_flags(),
     resources:
         gpu=gpus("auto"),  # the profile stage runs on a GPU when one is visible
@@ -19,3 +19,61 @@ rule profile:
     shell:
         "python -m radial profile --model {input.model} --data {input.data}/{params.split}.jsonl --out {output}"
         " {params.flags} {params.common} > {log} 2>&1"
+
+
+# The depth trend (profile.models): more models, profiled on the same calibration text.
+rule sweep_model:
+    input:
+        sweep_model_inputs,
+    output:
+        directory("results/models/sweep/{name}"),
+    log:
+        "logs/sweep/{name}/base_model.log",
+    benchmark:
+        "benchmarks/sweep/{name}/base_model.tsv"
+    params:
+        flags=sweep_model_flags,
+        common=common_flags(),
+    threads: workflow.cores
+    resources:
+        gpu=0,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m radial base-model --out {output} --threads {threads} {params.flags} {params.common} > {log} 2>&1"
+
+
+rule sweep_profile:
+    input:
+        model="results/models/sweep/{name}",
+        data=f"results/data/{config['profile']['task']}",
+    output:
+        directory("results/profile_sweep/{name}"),
+    log:
+        "logs/sweep/{name}/profile.log",
+    params:
+        split=config["profile"]["split"],
+        flags=section_flags("profile", exclude=["task", "split", "models"]),
+        common=common_flags(),
+    resources:
+        gpu=gpus("auto"),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m radial profile --model {input.model} --data {input.data}/{params.split}.jsonl --out {output}"
+        " {params.flags} {params.common} > {log} 2>&1"
+
+
+rule depth_trend:
+    input:
+        expand("results/profile_sweep/{name}", name=SWEEP_MODELS),
+    output:
+        directory("results/report/depth_trend"),
+    log:
+        "logs/depth_trend.log",
+    params:
+        common=common_flags(),
+    conda:
+        "../../envs/report.yaml"
+    shell:
+        "python -m radial depth-trend --profiles {input} --out {output} {params.common} > {log} 2>&1"

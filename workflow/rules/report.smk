@@ -4,6 +4,7 @@ rule report:
         profile="results/profile",
         model="results/models/dense",
         mcts=mcts_stats_for_report,
+        depth_trend=depth_trend_targets(),
     output:
         report="results/report/report.md",
         table="results/report/table.csv",
@@ -13,12 +14,13 @@ rule report:
         "logs/report.log",
     params:
         mcts=lambda wildcards, input: f"--mcts-stats {input.mcts}" if input.mcts else "",
+        depth_trend=lambda wildcards, input: f"--depth-trend {input.depth_trend}" if input.depth_trend else "",
         common=common_flags(),
     conda:
         "../../envs/report.yaml"
     shell:
         "python -m radial report --evaluations {input.evaluations} --profile {input.profile} --base-model {input.model}"
-        " {params.mcts} --out-dir results/report {params.common} > {log} 2>&1"
+        " {params.mcts} {params.depth_trend} --out-dir results/report {params.common} > {log} 2>&1"
 
 
 # With wandb.mode online and an entity: a wandb Report of this run (tables, Pareto plot, curves).

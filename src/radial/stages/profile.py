@@ -353,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
             "model": str(args.model),
             "data": str(args.data),
             "num_layers": num_layers,
+            "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
             "n_examples": len(texts),
             "n_tokens": int(stats["position"].size),
             "max_length": args.max_length,

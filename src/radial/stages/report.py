@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", type=Path, help="profiling output folder (plots and summary.json)")
     parser.add_argument("--base-model", type=Path, help="base model folder (radial_base.json, loss.png)")
     parser.add_argument("--mcts-stats", type=Path, help="the MCTS stage's stats.json (layers_saved.png beside it)")
+    parser.add_argument("--depth-trend", type=Path, help="the depth-trend stage's folder (trend.md, trend.png)")
     parser.add_argument("--out-dir", type=Path, required=True, help="where report.md and table.csv go")
     settings.add_common_arguments(parser)
 
@@ -134,6 +135,7 @@ def render(
     images: dict[str, str],
     comparison_lines: list[str] | None = None,
     mcts_stats: dict | None = None,
+    depth_trend: str | None = None,
 ) -> str:
     lines = [f"# radial report: {run_name}", ""]
     if base_info:
@@ -186,6 +188,18 @@ def render(
         for key, title in (("layers", "per-layer statistics"), ("heatmap", "residual ratio by layer and position")):
             if key in images:
                 lines += [f"![{title}]({images[key]})", ""]
+    if depth_trend:
+        lines += [
+            "## Depth trend (Radial Networks)",
+            "",
+            "The models of `profile.models`, profiled on the same calibration text: each block's median "
+            "residual contribution ‖f(x)‖/‖x+f(x)‖, per layer and over layers, against depth and size.",
+            "",
+            depth_trend.strip(),
+            "",
+        ]
+        if "depth_trend" in images:
+            lines += [f"![residual contribution against depth]({images['depth_trend']})", ""]
     return "\n".join(lines)
 
 
@@ -245,6 +259,12 @@ def main(args: argparse.Namespace) -> int:
     if args.profile and (args.profile / "summary.json").exists():
         profile_summary = json.loads((args.profile / "summary.json").read_text())
 
+    depth_trend = None
+    if args.depth_trend:
+        if not (args.depth_trend / "trend.md").is_file():
+            raise RadialError(f"--depth-trend: {args.depth_trend / 'trend.md'} not found (run the depth-trend stage)")
+        depth_trend = (args.depth_trend / "trend.md").read_text()
+
     mcts_stats = None
     if args.mcts_stats:
         if not args.mcts_stats.is_file():
@@ -257,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
         "heatmap": args.profile / "heatmap.png" if args.profile else None,
         "layers": args.profile / "layers.png" if args.profile else None,
         "mcts": args.mcts_stats.parent / "layers_saved.png" if args.mcts_stats else None,
+        "depth_trend": args.depth_trend / "trend.png" if args.depth_trend else None,
     }
     images = {}
     for key, source in sources.items():
@@ -280,7 +301,10 @@ def main(args: argparse.Namespace) -> int:
         subtasks.to_csv(tmp, index=False)
     with atomic_path(args.out_dir / "report.md") as tmp:
         tmp.write_text(
-            render(args.run_name, table, subtasks, base_info, profile_summary, images, comparison_lines, mcts_stats)
+            render(
+                args.run_name, table, subtasks, base_info, profile_summary, images, comparison_lines, mcts_stats,
+                depth_trend,
+            )
         )
 
     with tracking.stage_run("report", args) as run:
