@@ -195,3 +195,9 @@ def test_the_depth_sweep_pretrains_each_depth_on_one_token_budget_and_profiles_o
 def test_a_bad_depth_sweep_entry_is_named_at_start(tmp_path, entry, message):
     result = _dry_run(tmp_path, {"profile": {"models": [entry]}})
     assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_the_calibration_split_reaches_the_shell_quoted(tmp_path):
+    result = _dry_run(tmp_path, {"profile": {"split": "tr ain$(touch pwned)"}}, "results/profile")
+    assert result.returncode == 0, result.stderr
+    assert "--data 'results/data/synthetic/tr ain$(touch pwned).jsonl' --out results/profile" in result.stdout

@@ -170,6 +170,11 @@ def sweep_model_flags(wildcards):
     return f"--data-dir results/data {cli_flags(config['model']['embedded'] | entry['embedded'])}"
 
 
+def calibration_file(wildcards, input):
+    """The profiled split of profile.task, shell-quoted (the split name is the user's string)."""
+    return shlex.quote(f"{input.data}/{config['profile']['split']}.jsonl")
+
+
 def depth_trend_targets():
     return ["results/report/depth_trend"] if SWEEP_MODELS else []
 

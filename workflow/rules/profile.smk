@@ -9,7 +9,7 @@ rule profile:
     benchmark:
         "benchmarks/profile.tsv"
     params:
-        split=config["profile"]["split"],
+        calibration=calibration_file,
         flags=section_flags("profile", exclude=["task", "split", "models"]),
         common=common_flags(),
     resources:
@@ -17,7 +17,7 @@ rule profile:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial profile --model {input.model} --data {input.data}/{params.split}.jsonl --out {output}"
+        "python -m radial profile --model {input.model} --data {params.calibration} --out {output}"
         " {params.flags} {params.common} > {log} 2>&1"
 
 
@@ -52,7 +52,7 @@ rule sweep_profile:
     log:
         "logs/sweep/{name}/profile.log",
     params:
-        split=config["profile"]["split"],
+        calibration=calibration_file,
         flags=section_flags("profile", exclude=["task", "split", "models"]),
         common=common_flags(),
     resources:
@@ -60,7 +60,7 @@ rule sweep_profile:
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial profile --model {input.model} --data {input.data}/{params.split}.jsonl --out {output}"
+        "python -m radial profile --model {input.model} --data {params.calibration} --out {output}"
         " {params.flags} {params.common} > {log} 2>&1"
 
 
