@@ -201,3 +201,39 @@ def test_the_calibration_split_reaches_the_shell_quoted(tmp_path):
     result = _dry_run(tmp_path, {"profile": {"split": "tr ain$(touch pwned)"}}, "results/profile")
     assert result.returncode == 0, result.stderr
     assert "--data 'results/data/synthetic/tr ain$(touch pwned).jsonl' --out results/profile" in result.stdout
+
+
+def test_a_moved_project_plans_the_same_commands(tmp_path):
+    """Params hold paths relative to the working directory: a finished run copied elsewhere (with what
+    its config points to) has the same params, so Snakemake finds it complete instead of re-running it."""
+    import shutil
+
+    commands = []
+    for where in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        project = where / "project"
+        shutil.copytree(PROJECT_ROOT / "workflow", project / "workflow")
+        shutil.copytree(PROJECT_ROOT / "profiles", project / "profiles")
+        for name in ("Snakefile", "config.yaml"):
+            shutil.copy(PROJECT_ROOT / name, project / name)
+        (where / "shared").symlink_to(PROJECT_ROOT.parent / "shared")
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "1"], cwd=project,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        commands.append(sorted(line for line in result.stdout.splitlines() if line.startswith("Shell command")))
+    assert commands[0] == commands[1] and any("--local-dir ../shared/data" in c for c in commands[0])
+
+
+@pytest.mark.parametrize("name_or_path,message", [
+    ("/no/such/model", "model.name_or_path: '/no/such/model' is not a folder (/no/such/model does not exist) nor a Hub id"),
+    ("./models/mine", "model.name_or_path: './models/mine' is not a folder"),
+    ("src", "holds no model (no config.json there)"),
+])  # fmt: skip
+def test_a_model_that_is_not_there_stops_the_dry_run(tmp_path, name_or_path, message):
+    result = _dry_run(tmp_path, {"model": {"name_or_path": name_or_path}, "baselines": {"soft": {"exits": [2]}}})
+    assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_values_checked_against_the_models_depth_at_start(tmp_path):
+    result = _dry_run(tmp_path, {"baselines": {"shortgpt": {"k": [4, 12]}}, "evaluate": {"variants": ["dense", "shortgpt"]}})
+    assert result.returncode != 0
+    assert "baselines.shortgpt.k: 12 would remove every layer of the model's 12 (k < 12)" in result.stderr + result.stdout

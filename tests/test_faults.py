@@ -95,17 +95,22 @@ def test_malformed_row_stops_with_file_and_line(tmp_path, local_data):
     _assert_not_complete(workdir, config, "results/data/gsm8k", "data")
 
 
-def test_missing_model_folder_names_the_config_key(tmp_path):
+@pytest.mark.parametrize("problem", ["missing", "no model inside"])
+def test_a_bad_model_folder_stops_the_workflow_at_start_and_keeps_the_finished_model(tmp_path, problem):
     workdir = tmp_path / "run"
-    workdir.mkdir()
-    missing = tmp_path / "models" / "llama-local"
+    finished = workdir / "results/models/dense"
+    finished.mkdir(parents=True)
+    (finished / "model.safetensors").write_bytes(b"ten minutes of pre-training")
+    folder = tmp_path / "models" / "llama-local"
+    if problem == "no model inside":
+        folder.mkdir(parents=True)
     config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
-    config["model"]["name_or_path"] = str(missing)
+    config["model"]["name_or_path"] = str(folder)
     code, log = _snakemake(workdir, config, "results/models/dense")
     assert code != 0
-    _one_message(log, "model.name_or_path")
-    assert str(missing) in log
-    _assert_not_complete(workdir, config, "results/models/dense", "base_model")
+    expected = "does not exist) nor a Hub id" if problem == "missing" else "holds no model (no config.json there)"
+    assert f"model.name_or_path: " in log and expected in log and str(folder) in log, log[-3000:]
+    assert (finished / "model.safetensors").read_bytes() == b"ten minutes of pre-training"
 
 
 def test_config_values_reach_the_shell_quoted(tmp_path):

@@ -10,10 +10,15 @@ seconds, so a stage can stop with a message that names the config key to set ins
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlparse
+
+from radial.utils import RadialError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -73,3 +78,35 @@ def unavailable_reason(
         why = str(err).splitlines()[0] if str(err) else type(err).__name__
         return f"{endpoint()} did not serve {repo_id} ({why})"
     return None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def check_model_source(key: str, name_or_path: str | None, base: Path, embedded_layers: int | None = None) -> int | None:
+    """Check a configured model before anything runs; return its decoder layers where known, else None.
+
+    None (the embedded model) has `embedded_layers`. A value that names a folder — it exists there, or
+    it is written as a path (absolute, ./, ../, ~, or more than one /) — must be a folder holding a
+    config.json; anything else is taken as a Hub id (checked by the base-model stage, which can wait
+    on the network).
+    """
+    if not name_or_path:
+        return embedded_layers
+    folder = Path(os.path.expanduser(name_or_path))
+    folder = folder if folder.is_absolute() else base / folder
+    looks_like_path = not HUB_ID.match(name_or_path) or name_or_path.startswith(".")
+    if not folder.exists():
+        if looks_like_path:
+            raise RadialError(f"{key}: {name_or_path!r} is not a folder ({folder} does not exist) nor a Hub id")
+        return None
+    config_file = folder / "config.json"
+    if not folder.is_dir() or not config_file.is_file():
+        raise RadialError(f"{key}: {folder} holds no model (no config.json there)")
+    try:
+        model_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise RadialError(f"{config_file}:{error.lineno}: not valid JSON ({error.msg})") from None
+    text_config = model_config.get("text_config") or model_config
+    return next((int(text_config[name]) for name in LAYER_COUNT_KEYS if isinstance(text_config.get(name), int)), None)

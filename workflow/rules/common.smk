@@ -9,6 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.eval_tasks import check_external_tasks
+from radial.hub import check_model_source
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
 
@@ -39,8 +40,12 @@ wildcard_constraints:
 
 
 def project_path(path):
-    """Config paths are relative to the directory holding the Snakefile."""
-    return str((PROJECT_DIR / path).resolve()) if path and not os.path.isabs(path) else path
+    """Config paths are relative to the directory holding the Snakefile. On a command line they are
+    written relative to the working directory (unless given absolute), so that a run moved to another
+    folder, with what its paths point to, keeps its params and stays complete."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.relpath(os.path.normpath(PROJECT_DIR / path), os.getcwd())  # links kept: they move along
 
 
 def include_paths():
@@ -56,6 +61,20 @@ try:
 except RadialError as err:
     raise WorkflowError(str(err)) from None
 RADIAL_EVAL_TASKS = [task for task in EVAL_TASKS if task in TASKS]  # the others need no data stage
+try:
+    MODEL_LAYERS = check_model_source(
+        "model.name_or_path", config["model"]["name_or_path"], PROJECT_DIR, config["model"]["embedded"]["layers"]
+    )
+    for entry in config["profile"]["models"]:
+        if "name_or_path" in entry:
+            check_model_source(f"profile.models entry {entry['name']!r}", entry["name_or_path"], PROJECT_DIR)
+except RadialError as err:
+    raise WorkflowError(str(err)) from None
+too_deep = [k for k in config["baselines"]["shortgpt"]["k"] if MODEL_LAYERS is not None and k >= MODEL_LAYERS]
+if too_deep and "shortgpt" in config["evaluate"]["variants"]:
+    raise WorkflowError(
+        f"baselines.shortgpt.k: {too_deep[0]} would remove every layer of the model's {MODEL_LAYERS} (k < {MODEL_LAYERS})"
+    )
 if config["profile"]["split"] == "test":
     raise WorkflowError(
         "profile.split: 'test' is the split the variants are scored on; calibrate on another split "
