@@ -525,3 +525,28 @@ def test_several_tasks_in_one_process_equal_each_task_alone(tiny_llama_dir, tiny
     assert radial_main(["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "arc_easy",
                         "--data-dir", str(data_dir), "--out", str(tmp_path / "x.json"), "--skip-bias", "1"]) == 2  # fmt: skip
     assert "--skip-bias: the model is not routed" in capsys.readouterr().err
+
+
+def test_a_broken_data_line_or_weights_file_is_one_line_naming_it(tiny_llama_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir / "arc_easy", broken / "arc_easy")
+    path = broken / "arc_easy" / "test.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][: len(lines[2]) // 2] + "\n"  # line 3 cut in half
+    path.write_text("".join(lines))
+    argv = ["evaluate", "--model", str(tiny_llama_dir), "--variant", "dense", "--task", "arc_easy",
+            "--data-dir", str(broken), "--out", str(tmp_path / "eval.json"), "--limit", "2"]  # fmt: skip
+    assert radial_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"radial evaluate: error: {path}:3: not valid JSON") and "Traceback" not in err
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a copy cut short
+    argv[argv.index("--model") + 1], argv[argv.index("--data-dir") + 1] = str(model), str(data_dir)
+    assert radial_main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"radial evaluate: error: {weights}: truncated (")
+    assert not (tmp_path / "eval.json").exists()

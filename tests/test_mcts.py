@@ -442,3 +442,26 @@ def test_mcts_finds_the_brute_force_shortest_correct_path(trained_five_layer_mod
     assert solvable >= 20, "too few examples have any correct path to measure the search"
     assert shortest / solvable >= 0.95, f"MCTS found a shortest correct path for {shortest} of {solvable} examples"
     assert preferred / solvable >= 0.9, f"... and the preferred one for {preferred} of {solvable}"
+
+
+def test_ctrl_c_in_a_search_is_one_line_and_the_search_resumes(tiny_llama_dir, synthetic_data, tmp_path):
+    out, progress = tmp_path / "labels.jsonl", tmp_path / "progress.jsonl"
+    argv = [sys.executable, "-m", "radial"] + search_args(tiny_llama_dir, synthetic_data, out, examples=40,
+                                                          simulations=200, checkpoint_every=1, progress=progress)  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not progress.is_file() or len(progress.read_text().splitlines()) < 2:  # a checkpointed example
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert "radial mcts: interrupted; no output was completed (run it again to resume where it can)" in stderr
+    assert not out.exists()
+    done = len(progress.read_text().splitlines()) - 1
+    resumed = subprocess.run(argv[:-2] + ["--progress", str(progress)], env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0 and f"after {done} of 40 examples" in resumed.stdout
+    assert len(read_jsonl(out)) == 40

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from radial import __version__, settings
-from radial.utils import RadialError
+from radial.utils import RadialError, model_folder_problem
 
 STAGES = {
     "data": ("radial.stages.data", "normalize benchmark files (ARC, GSM8K, MMLU) and build the synthetic task"),
@@ -55,10 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         settings.check_arguments(parser, args)
+        check_model_folders(args)
         return int(module.main(args) or 0)
     except RadialError as err:
         print(f"radial {stage}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are written atomically and training / MCTS resume from their checkpoints: say so, no traceback.
+        print(f"radial {stage}: interrupted; no output was completed (run it again to resume where it can)", file=sys.stderr)
+        return 130
+
+
+def check_model_folders(args: argparse.Namespace) -> None:
+    """Every model folder a stage was given (and the base folder a routed one references) has whole
+    weights files: a file cut short stops the stage naming it, before a loader fails without a name."""
+    for value in vars(args).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (str, Path)) and Path(item).is_dir() and (Path(item) / "config.json").is_file():
+                problem = model_folder_problem(item)
+                if problem:
+                    raise RadialError(problem)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,45 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["online", "offline", "disabled"],
         help="wandb mode; default: $WANDB_MODE, else offline",
     )
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file cannot be whole (cut short, a broken header), or None. Reads only the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return f"{path}: truncated ({size} bytes, not even the 8-byte header length)"
+        header_size = int.from_bytes(prefix, "little")
+        if 8 + header_size > size:
+            return f"{path}: truncated ({size} bytes; its header alone needs {8 + header_size})"
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as err:
+            return f"{path}: not a safetensors file (its header does not parse: {type(err).__name__})"
+    if 8 + header_size + end != size:
+        return f"{path}: truncated ({size} bytes of the {8 + header_size + end} its header describes); copy or build it again"
+    return None
+
+
+def model_folder_problem(folder: str | os.PathLike) -> str | None:
+    """The first broken weights file of a model folder, or of the base folder a routed folder references."""
+    folder = Path(folder)
+    folders = [folder]
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            return f"{config_file}:{err.lineno}: not valid JSON ({err.msg})"
+        relative = config.get("base_model_relative_path") if isinstance(config, dict) else None
+        if relative and (folder / relative).is_dir():
+            folders.append(folder / relative)
+    for candidate in folders:
+        for weights in sorted(candidate.glob("*.safetensors")) + sorted(candidate.glob("base/*.safetensors")):
+            problem = safetensors_problem(weights)
+            if problem:
+                return problem
+    return None

@@ -138,7 +138,7 @@ def materialize(data_dir: str | Path, out_dir: str | Path, tasks: Iterable[str])
         else:
             config = load_template(task)
             config["dataset_kwargs"] = _dataset_kwargs(config, data_dir / task, out_dir)
-            _check_first_row(config, _REQUIRED_FIELDS[task])
+            _check_rows(config, _REQUIRED_FIELDS[task])
             _write_yaml(out_dir / f"{config['task']}.yaml", config)
     return out_dir
 
@@ -260,17 +260,21 @@ def _group_rows(path: Path, key: str, required: tuple[str, ...]) -> dict[Any, li
     return groups
 
 
-def _check_first_row(config: dict[str, Any], required: tuple[str, ...]) -> None:
+def _check_rows(config: dict[str, Any], required: tuple[str, ...]) -> None:
+    """Every row of the task's data files parses and has the fields its YAML reads, else file:line
+    (lm-eval's json loader would fail deep inside `datasets`, naming neither)."""
     for path in config["dataset_kwargs"]["data_files"].values():
         with open(path) as f:
-            first = f.readline()
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError as err:
-            raise RadialError(f"{path}:1: not valid JSON ({err.msg})") from None
-        missing = [field for field in required if field not in row]
-        if missing:
-            raise RadialError(f"{path}:1: missing key(s) {', '.join(missing)}")
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RadialError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                missing = [field for field in required if not isinstance(row, dict) or field not in row]
+                if missing:
+                    raise RadialError(f"{path}:{line_no}: missing key(s) {', '.join(missing)}")
 
 
 def _group_config(group: str, alias: str, tasks: list[str], metric: str) -> dict[str, Any]:

@@ -181,12 +181,14 @@ class ProgressWriter:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        # Taken first: a write interrupted (Ctrl-C) leaves at most a cut line, which loading drops; the
+        # `close` that follows must not append the same rows after it.
+        rows, self.pending = self.pending, []
+        if not rows:
             return
-        self.file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.pending))
+        self.file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.pending = []
 
     def close(self) -> None:
         self.flush()
