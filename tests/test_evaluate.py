@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import random
 import re
 import subprocess
@@ -242,6 +243,7 @@ def test_paired_timing_replays_the_first_batches_against_the_reference(task, tin
     assert timing["decode_steps"] == (5 if task == "synthetic" else 0)
     assert all(seconds > 0 for seconds in timing["model_s"] + timing["reference_s"])
     assert timing["ideal_speedup"] is None  # only token-routed models get a FLOP count
+    assert len(timing["load_average"]) == 2 and timing["contended"] in (True, False) and timing["threads"] >= 1
 
 
 def test_paired_timing_needs_recorded_batches(tiny_llama_dir, data_dir, tmp_path, capsys):
@@ -550,3 +552,25 @@ def test_a_broken_data_line_or_weights_file_is_one_line_naming_it(tiny_llama_dir
     assert radial_main(argv) == 2
     assert capsys.readouterr().err.startswith(f"radial evaluate: error: {weights}: truncated (")
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_timed_evaluations_take_turns_across_processes(tmp_path, monkeypatch, capsys):
+    """Two snakemake processes (or a leftover job and a new one) never time side by side: the second waits."""
+    from radial.stages.evaluate import exclusive_timing
+
+    lock = tmp_path / "timing.lock"
+    monkeypatch.setenv("RADIAL_TIMING_LOCK", str(lock))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time, sys\nfrom radial.stages.evaluate import exclusive_timing\n"
+        "with exclusive_timing(True):\n    print('held', flush=True)\n    time.sleep(3)\n")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RADIAL_TIMING_LOCK": str(lock)})  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    start = time.perf_counter()
+    with exclusive_timing(True):
+        waited = time.perf_counter() - start
+    holder.wait(timeout=30)
+    assert waited > 1.5, waited
+    assert f"waiting for the evaluation holding {lock} (pid {holder.pid}) to finish" in capsys.readouterr().out
+    start = time.perf_counter()
+    with exclusive_timing(False), exclusive_timing(True):  # shared timing takes no lock; a free lock: no wait
+        assert time.perf_counter() - start < 1

@@ -229,3 +229,15 @@ def test_a_method_swept_over_its_knob_is_one_curve(tmp_path, monkeypatch):
     curves = [line for line in ax.lines if line.get_linestyle() == ":"]
     assert len(curves) == 1  # the routers' three points; radial has one point, no curve
     assert list(curves[0].get_xdata()) == [8.0, 10.0, 11.5] and list(curves[0].get_ydata()) == [0.60, 0.75, 0.79]
+
+
+def test_speedups_timed_under_load_are_flagged(tmp_path):
+    evaluations = [_evaluation("dense", "arc_easy", 0.6, 12, 10.0), _evaluation("dlo-c0.25", "arc_easy", 0.5, 9, 9.0)]
+    evaluations[1]["timing"] = {"speedup": 0.7, "contended": True, "load_average": [4.2, 4.0]}
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, "-m", "radial", "report", "--evaluations", *_write(tmp_path, evaluations),
+                    "--out-dir", str(out), "--wandb-mode", "disabled"], check=True, capture_output=True)  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "**Timed under load**" in report and "these speedups are not trustworthy): dlo-c0.25/arc_easy." in report
+    table = pd.read_csv(out / "table.csv").set_index("variant")
+    assert table.timing_contended["dlo-c0.25"] == True and pd.isna(table.timing_contended["dense"])  # noqa: E712

@@ -20,7 +20,7 @@ rule evaluate:
         # the evaluate section's other keys pick the jobs (variants, tasks, timing), not the stage's flags
         flags=section_flags(
             "evaluate",
-            exclude=["variants", "tasks", "include_path", "limit", "limit_per_task", "num_fewshot", "timing", "skip_biases"],
+            exclude=["variants", "tasks", "include_path", "limit", "limit_per_task", "num_fewshot", "skip_biases"],
         ),
         common=common_flags(),
     # Each job times its variant against the dense model (--reference-model) for the report's

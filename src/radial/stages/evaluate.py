@@ -25,7 +25,9 @@ with the tokens they processed, from which the report computes speedups.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -91,9 +93,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model to time this one against (the dense model); its speedup is measured in this process",
     )
-    for name in ("timing_repeats", "timing_batches", "timing_decode_steps"):
+    for name in ("timing", "timing_repeats", "timing_batches", "timing_decode_steps"):
         settings.add_setting(parser, f"evaluate.{name}")
     settings.add_common_arguments(parser)
+
+
+TIMING_LOCK = "radial-evaluate-timing.lock"
+
+
+@contextlib.contextmanager
+def exclusive_timing(enabled: bool):
+    """With `--timing exclusive`, one timed evaluation at a time on this machine, whichever snakemake (or
+    shell) started it: a lock file in the temp folder ($RADIAL_TIMING_LOCK overrides), held for the
+    whole evaluation. A second one waits, and says whom for."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    path = Path(os.environ.get("RADIAL_TIMING_LOCK") or Path(tempfile.gettempdir()) / TIMING_LOCK)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            print(f"waiting for the evaluation holding {path} ({holder}) to finish: timings are taken alone", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -108,7 +142,9 @@ def main(args: argparse.Namespace) -> int:
     if own and args.data_dir is None:
         raise RadialError(f"--data-dir: radial's own tasks ({', '.join(own)}) read their data from the data stage's folder")
     eval_tasks.check_external_tasks(tasks, args.include_path, key="--task", path_key="--include-path")  # before a long model load
-    with tracking.stage_run("evaluate", args) as run, tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:
+    timed = args.reference_model is not None and args.timing == "exclusive"
+    with exclusive_timing(timed), tracking.stage_run("evaluate", args) as run, \
+            tempfile.TemporaryDirectory(prefix="radial-tasks-") as tasks_dir:  # fmt: skip
         if own:
             eval_tasks.materialize(args.data_dir, tasks_dir, own)  # bad data fails before a long model load
         model, tokenizer = load_model(args.model, args.device)
@@ -526,6 +562,7 @@ def paired_timing(
         return time.perf_counter() - start
 
     seconds = {"model": [], "reference": []}
+    load_before = os.getloadavg()[0]
     with torch.inference_mode():
         ideal = None
         if callable(getattr(model, "recording_token_runs", None)) and _token_execution(model):
@@ -554,6 +591,12 @@ def paired_timing(
         "tokens": sum(int(b["input_ids"].numel()) for b in batches),
         "decode_steps": args.timing_decode_steps if generates else 0,
         "repeats": args.timing_repeats,
+        # The machine's 1-minute load average before and after the rounds, against its cores and this
+        # process's threads: a load well above our own threads means something else ran beside the timing.
+        "load_average": [load_before, os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "contended": max(load_before, os.getloadavg()[0]) > torch.get_num_threads() + 1,
     }
 
 

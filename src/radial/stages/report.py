@@ -34,6 +34,7 @@ TABLE_COLUMNS = [
     "speedup_vs_dense",
     "speedup_measured",
     "ideal_speedup",
+    "timing_contended",
     "n_examples",
 ]
 REQUIRED_FIELDS = (
@@ -86,9 +87,11 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for e in evaluations:
-        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured", "ideal_speedup")}
+        derived = ("speedup_vs_dense", "speedup_measured", "ideal_speedup", "timing_contended")
+        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in derived}
         row["paired_speedup"] = (e.get("timing") or {}).get("speedup")
         row["ideal_speedup"] = (e.get("timing") or {}).get("ideal_speedup")
+        row["timing_contended"] = (e.get("timing") or {}).get("contended")
         rows.append(row)
     table = pd.DataFrame(rows)
     throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)
@@ -165,6 +168,7 @@ def render(
         "task's first lm-eval batches, alternating rounds, median ratio) or throughput (tokens per second of "
         "forward time, from separate evaluations).",
         "",
+        *contention_lines(table),
         *(comparison_lines + ["### Every variant × task", ""] if comparison_lines else []),
         _markdown(table),
         "",
@@ -201,6 +205,20 @@ def render(
         if "depth_trend" in images:
             lines += [f"![residual contribution against depth]({images['depth_trend']})", ""]
     return "\n".join(lines)
+
+
+def contention_lines(table: pd.DataFrame) -> list[str]:
+    """A warning naming the evaluations whose paired timing ran beside other work (load above their threads)."""
+    contended = table[table.timing_contended.fillna(False).astype(bool)]
+    if contended.empty:
+        return []
+    cells = ", ".join(f"{v}/{t}" for v, t in zip(contended.variant, contended.task))
+    return [
+        f"**Timed under load** (the machine's load average exceeded the evaluation's threads + 1 during its "
+        f"paired timing, so something else ran beside it and these speedups are not trustworthy): {cells}. "
+        "Re-run them alone (`snakemake --forcerun evaluate`).",
+        "",
+    ]
 
 
 def mcts_section(stats: dict, image: str | None) -> list[str]:
