@@ -214,7 +214,7 @@ def contention_lines(table: pd.DataFrame) -> list[str]:
         return []
     cells = ", ".join(f"{v}/{t}" for v, t in zip(contended.variant, contended.task))
     return [
-        f"**Timed under load** (the machine's load average exceeded the evaluation's threads + 1 during its "
+        f"**Timed under load** (the machine's load average exceeded the evaluation's threads + 1.5 during its "
         f"paired timing, so something else ran beside it and these speedups are not trustworthy): {cells}. "
         "Re-run them alone (`snakemake --forcerun evaluate`).",
         "",
