@@ -101,6 +101,7 @@ def plot(rows: list[dict], path: Path) -> None:
                              textcoords="offset points", xytext=(4, 4))  # fmt: skip
     overall.set(xlabel="layers", ylabel="median over layers", title="median contribution against depth", xscale="log")
     overall.set_xticks(layers, [str(n) for n in layers])
+    overall.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the depths, no 2×10¹
     overall.legend(fontsize=8)
     overall.grid(alpha=0.3)
     fig.tight_layout()
