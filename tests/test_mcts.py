@@ -446,8 +446,10 @@ def test_mcts_finds_the_brute_force_shortest_correct_path(trained_five_layer_mod
 
 def test_ctrl_c_in_a_search_is_one_line_and_the_search_resumes(tiny_llama_dir, synthetic_data, tmp_path):
     out, progress = tmp_path / "labels.jsonl", tmp_path / "progress.jsonl"
+    # Every simulation run (no early stop): ~0.5 s an example, so the search is still running when interrupted.
     argv = [sys.executable, "-m", "radial"] + search_args(tiny_llama_dir, synthetic_data, out, examples=40,
-                                                          simulations=200, checkpoint_every=1, progress=progress)  # fmt: skip
+                                                          simulations=200, checkpoint_every=1, progress=progress,
+                                                          extra=("--no-early-stop",))  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
