@@ -451,7 +451,11 @@ def test_ctrl_c_in_a_search_is_one_line_and_the_search_resumes(tiny_llama_dir, s
                                                           simulations=200, checkpoint_every=1, progress=progress,
                                                           extra=("--no-early-stop",))  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (how CI may start pytest) ignores SIGINT, and children inherit that: the search
+    # gets the terminal's default back, as Ctrl-C in a terminal finds it.
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=restore_sigint)  # fmt: skip
     deadline = time.time() + 120
     while not progress.is_file() or len(progress.read_text().splitlines()) < 2:  # a checkpointed example
         assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
