@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also w
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.eval_tasks import check_external_tasks
 from radial.hub import check_model_source
+from radial.tracking import resolve_mode
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
 
@@ -65,9 +66,6 @@ try:
     MODEL_LAYERS = check_model_source(
         "model.name_or_path", config["model"]["name_or_path"], PROJECT_DIR, config["model"]["embedded"]["layers"]
     )
-    for entry in config["profile"]["models"]:
-        if "name_or_path" in entry:
-            check_model_source(f"profile.models entry {entry['name']!r}", entry["name_or_path"], PROJECT_DIR)
 except RadialError as err:
     raise WorkflowError(str(err)) from None
 too_deep = [k for k in config["baselines"]["shortgpt"]["k"] if MODEL_LAYERS is not None and k >= MODEL_LAYERS]
@@ -96,6 +94,10 @@ for entry in config["profile"]["models"]:
         raise WorkflowError(
             f"{where}: unknown model.embedded key {unknown[0]!r} (known: {', '.join(sorted(config['model']['embedded']))})"
         )
+    try:
+        check_model_source(where, entry.get("name_or_path"), PROJECT_DIR)
+    except RadialError as err:
+        raise WorkflowError(str(err)) from None
 if len(set(SWEEP_MODELS)) != len(SWEEP_MODELS):
     raise WorkflowError(f"profile.models: names must differ ({', '.join(SWEEP_MODELS)})")
 
@@ -140,8 +142,8 @@ def wandb_entity():
 
 def wandb_report_targets():
     """The wandb Report is built when runs go online and someone owns them; offline runs are synced first."""
-    mode = os.environ.get("WANDB_MODE") or config["wandb"]["mode"]
-    return ["results/report/wandb_report.txt"] if mode == "online" and wandb_entity() else []
+    online = resolve_mode(config["wandb"]["mode"]) == "online"  # $WANDB_MODE overrides, as in every stage
+    return ["results/report/wandb_report.txt"] if online and wandb_entity() else []
 
 
 def common_flags():
@@ -164,12 +166,16 @@ def base_model_inputs(wildcards):
     return expand("results/data/{task}", task=TASKS)
 
 
-def base_model_flags(wildcards):
-    name_or_path = config["model"]["name_or_path"]
+def model_source_flags(name_or_path, embedded):
+    """The base-model stage's flags for a Hub id or local folder, else for the embedded recipe `embedded`."""
     if name_or_path:
         local = project_path(name_or_path)
         return cli_flags({"name_or_path": local if os.path.exists(local) else name_or_path})
-    return f"--data-dir results/data {section_flags('model.embedded')}"
+    return f"--data-dir results/data {cli_flags(embedded)}"
+
+
+def base_model_flags(wildcards):
+    return model_source_flags(config["model"]["name_or_path"], config["model"]["embedded"])
 
 
 def sweep_entry(name):
@@ -183,10 +189,7 @@ def sweep_model_inputs(wildcards):
 def sweep_model_flags(wildcards):
     """A sweep model like the run's own (base_model_flags): a Hub id or folder, or the embedded recipe overridden."""
     entry = sweep_entry(wildcards.name)
-    if "name_or_path" in entry:
-        local = project_path(entry["name_or_path"])
-        return cli_flags({"name_or_path": local if os.path.exists(local) else entry["name_or_path"]})
-    return f"--data-dir results/data {cli_flags(config['model']['embedded'] | entry['embedded'])}"
+    return model_source_flags(entry.get("name_or_path"), config["model"]["embedded"] | entry.get("embedded", {}))
 
 
 def calibration_file(wildcards, input):
