@@ -23,7 +23,8 @@ from radial.routing import (
     SparseFallbackWarning,
     TokenRouter,
 )
-from radial.routing.sparse import MIN_PACKED_ROWS
+import radial.routing.sparse as sparse_module
+from radial.routing.sparse import MIN_PACKED_ROWS, TokenBatch
 from radial.utils import RadialError
 
 ARCHS = ["llama", "qwen2", "mistral", "qwen3"]
@@ -197,6 +198,67 @@ def test_right_padded_rows_equal_each_row_alone(base, skip):
         for row, length in enumerate(mask.sum(1).tolist()):
             alone = routed(ids[row : row + 1, :length], attention_mask=mask[row : row + 1, :length]).logits
             assert (batched[row, :length] - alone[0]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_query_blocks_against_fewer_keys_equal_the_reference(base, padding, monkeypatch):
+    """Packed queries attended in blocks (here of 2+ slots), each block against the keys up to its
+    last query: the same logits as the reference, and generations with and without the cache."""
+    monkeypatch.setattr(sparse_module, "MIN_QUERY_BLOCK", 2)
+    routed = token_routed(base, fraction=0.5)
+    ids, mask = left_padded((19, 9, 14), seed=21)
+    if padding == "right":
+        ids, mask = ids.flip(1), mask.flip(1)
+    blocks = []
+    original = TokenBatch.query_blocks
+
+    def recording(self, layer_type, running):
+        blocks.append((self.seq_len, original(self, layer_type, running)))
+        return blocks[-1][1]
+
+    monkeypatch.setattr(TokenBatch, "query_blocks", recording)
+    with torch.no_grad():
+        sparse = routed(ids, attention_mask=mask).logits
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+    prefill_blocks = [layer for seq, layer in blocks if seq == ids.shape[1] and len(layer) > 1]
+    assert prefill_blocks, "no layer was attended in blocks"
+    for layer in prefill_blocks:
+        key_ends = [key_end for _, _, key_end in layer]
+        assert key_ends == sorted(key_ends) and key_ends[-1] <= ids.shape[1]
+        if padding == "right":  # (left padding puts a short example's tokens last: its blocks need the keys)
+            assert key_ends[0] < ids.shape[1]  # the first block reads fewer keys
+    if padding == "left":  # generation continues after the last real token
+        with torch.no_grad():
+            cached = greedy(routed, ids, mask)
+            uncached = greedy(routed, ids, mask, use_cache=False)
+            with reference_of(routed):
+                reference_generation = greedy(routed, ids, mask)
+        assert torch.equal(cached, uncached) and torch.equal(cached, reference_generation)
+
+
+def test_a_layer_every_real_token_runs_is_the_stock_call_on_a_right_padded_batch():
+    """Right padding and nothing cached: a layer that all real tokens run goes through the stock
+    layer (sdpa's causal kernel, padding computed and ignored) instead of packing the padding out."""
+    routed = token_routed(make_base("llama"), fraction=1.0)
+    ids, mask = left_padded((10, 4, 7), seed=14)
+    ids, mask = ids.flip(1), mask.flip(1)
+    with torch.no_grad():
+        routed(ids, attention_mask=mask)  # the one-time decomposition probe
+        counter = RowCounter(routed)
+        sparse = routed(ids, attention_mask=mask).logits
+        counter.remove()
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert counter.layer_calls == NUM_LAYERS and counter.rows["q_proj"] == NUM_LAYERS * ids.numel()
+    assert routed.radial_executed_layers() == NUM_LAYERS  # padding is not counted
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+    with torch.no_grad():  # left padding needs the mask, so the same gates pack the real tokens
+        left_ids, left_mask = ids.flip(1), mask.flip(1)
+        counter = RowCounter(routed)
+        routed(left_ids, attention_mask=left_mask)
+    assert counter.layer_calls == 0 and counter.rows["q_proj"] == NUM_LAYERS * int(mask.sum())
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

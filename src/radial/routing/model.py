@@ -158,6 +158,9 @@ class _LayerInputs:
     layer_types: list[str]
     use_cache: bool
     kwargs: dict[str, Any]
+    # The same masks materialized as [batch, 1, q, k] where packed queries gather their rows (the
+    # stock calls keep `masks`, which may leave sdpa its is_causal shortcut); None: not needed.
+    packed_masks: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._row_cache: dict[tuple, tuple] = {}
@@ -639,15 +642,21 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.parts.embed(input_ids, inputs_embeds, position_ids)
         token_router = self.router if self.config.routing_mode == "token" and paths is None else None
         sparse_reasons = self._sparse_token_reasons() if token_router is not None else None
-        # Packed queries gather rows of the mask, so it must exist even where sdpa would infer it.
-        packed_queries = self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons
+        masks = self._masks(hidden, attention_mask, cache, position_ids)
+        packed_masks = None
+        if self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons:
+            # Packed queries gather rows of the mask, so it must exist even where sdpa would infer it.
+            packed_masks = masks
+            if any(not isinstance(mask, torch.Tensor) for mask in masks.values()):
+                packed_masks = self._masks(hidden, attention_mask, cache, position_ids, materialize=True)
         layer_inputs = _LayerInputs(
             position_embeddings=self.parts.position_embeddings(hidden, position_ids, self.layer_types),
             position_ids=position_ids,
-            masks=self._masks(hidden, attention_mask, cache, position_ids, materialize=packed_queries),
+            masks=masks,
             layer_types=self.layer_types,
             use_cache=cache is not None,
             kwargs=kwargs,
+            packed_masks=packed_masks,
         )
 
         if token_router is not None:
@@ -776,7 +785,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         """
         batch = None
         if sparse_reasons is not None and all(step.rows is None for step in steps):
-            batch = TokenBatch(hidden, attention_mask, inputs.masks, inputs.position_embeddings)
+            batch = TokenBatch(hidden, attention_mask, inputs.packed_masks or inputs.masks, inputs.position_embeddings)
         executed_tokens = None
         for index, step in enumerate(steps):
             view = self._step_view(cache, index, step.to(hidden.device))
@@ -827,9 +836,13 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             if view is not None:
                 write_keys_values(layer, layer.input_layernorm(hidden), batch, self.layer_types[step.layer], view)
             return hidden
-        if running.every_token:
+        layer_type = self.layer_types[step.layer]
+        if running.every_token or (running.every_real_token and inputs.masks[layer_type] is None):
+            # Every real token runs, and the stock call needs no mask (right padding, nothing cached
+            # before): the whole batch through sdpa's causal kernel costs less than packing out the
+            # padding, whose results and keys no real token reads.
             return self._scaled(hidden, self._call_layer(step, hidden, inputs, view), scale)
-        out = run_layer_on_tokens(layer, hidden, running, batch, self.layer_types[step.layer], view, **inputs.kwargs)
+        out = run_layer_on_tokens(layer, hidden, running, batch, layer_type, view, **inputs.kwargs)
         return self._scaled(hidden, out, scale)
 
     def _reference_token_step(self, step, hidden, inputs, view, logits, run, scale=None) -> torch.Tensor:

@@ -14,12 +14,16 @@ so that what a token skips is not computed:
   tokens attend to skipped ones and cached decoding equals uncached. Only the running tokens,
   gathered from batch x sequence into one packed set, pay the query projection, attention, output
   projection and MLP; the results are scattered back. For attention the packed queries are laid out
-  per example (padded to the largest running count) against all keys, each with its own row of the
-  model's 4-D mask. Without a cache, a layer no token runs computes nothing at all.
+  per example (padded to the largest running count), each with its own row of the model's 4-D mask,
+  in blocks of slots that read only the keys up to their last query (an explicit mask forgoes the
+  causal kernel's skipped upper triangle, which would otherwise make packed attention dearer than
+  dense). Without a cache, a layer no token runs computes nothing at all.
 - skip="mlp": the stock attention module runs for every token; the post-attention norm and the MLP
   only for the gathered running tokens.
 
-Padding never runs. `decomposition_problem` says which layers this cannot drive; the routed model
+Padding never runs, except where every real token of a right-padded batch with nothing cached
+runs a layer: the stock call over the whole batch (no mask, sdpa's causal kernel) is then cheaper
+than packing, and no real token reads what the padding computes. `decomposition_problem` says which layers this cannot drive; the routed model
 also checks once, on a few random tokens, that the parts compose into the stock layer's forward
 (outputs, keys and values). Where either fails it runs the reference, every token computed then
 selected, and says so (RoutedForCausalLM.token_execution, a SparseFallbackWarning).
@@ -49,6 +53,12 @@ OPTIONAL_ATTENTION_PARTS = ("q_norm", "k_norm")  # per-head norms before rotary 
 # runs a handful of rows slower than 8 (MKL here: 3 rows through a 768x2048 projection whose
 # weights come from memory take 1.6x the time of 8 rows). One row is a fast matrix-vector product.
 MIN_PACKED_ROWS = 8
+# Packed queries carry an explicit mask, so attention cannot skip the causal upper triangle as the
+# stock is_causal call does: over a whole prompt it would cost twice the dense attention. The query
+# slots are attended in blocks of at least this many, each against only the keys its last query may
+# see (slot j of an example is its j-th running token, so later slots see further).
+MIN_QUERY_BLOCK = 32
+MAX_QUERY_BLOCKS = 4
 
 
 class SparseFallbackWarning(UserWarning):
@@ -125,7 +135,7 @@ class RunningTokens:
     slot i when `slots` is None (every example runs `width` tokens). Packed row i reads its
     attention output from slot `row_slots[i]` (None: slot i). Query slot j uses the mask row of
     token `sources[j]` (an unused slot borrows a real token's). `every_token`: the whole batch
-    runs, padding-free.
+    runs, padding-free; `every_real_token`: every real token runs (padding aside).
     """
 
     tokens: torch.Tensor
@@ -135,6 +145,7 @@ class RunningTokens:
     sources: torch.Tensor
     width: int
     every_token: bool
+    every_real_token: bool
 
     @property
     def count(self) -> int:
@@ -157,6 +168,7 @@ class TokenBatch:
         self.real = None if attention_mask is None else attention_mask[:, -seq:].to(device=device, dtype=torch.bool)
         if self.real is not None and bool(self.real.all()):
             self.real = None  # no padding: spare every layer the `& real`
+        self.real_count = batch * seq if self.real is None else int(self.real.sum())
         positions = torch.arange(seq, device=device)
         if self.real is None:
             last_real = torch.full((batch,), seq - 1, device=device)
@@ -189,7 +201,8 @@ class TokenBatch:
             rows = torch.cat([tokens, tokens[:1].expand(padding)])
             row_slots = torch.arange(count, device=tokens.device) if slots is None else slots
             row_slots = torch.cat([row_slots, row_slots[:1].expand(padding)])
-        return RunningTokens(tokens, rows, slots, row_slots, sources, width, count == batch * seq)
+        every_token = count == batch * seq
+        return RunningTokens(tokens, rows, slots, row_slots, sources, width, every_token, count == self.real_count)
 
     def mask_rows(self, layer_type: str) -> torch.Tensor:
         """The layer type's 4-D mask as [batch * seq, keys]: row t is what token t may attend to."""
@@ -200,6 +213,22 @@ class TokenBatch:
             mask = mask.expand(self.batch_size, 1, self.seq_len, mask.shape[-1])
             self._mask_rows[layer_type] = mask.reshape(self.batch_size * self.seq_len, -1)
         return self._mask_rows[layer_type]
+
+    def query_blocks(self, layer_type: str, running: RunningTokens) -> list[tuple[int, int, int]]:
+        """(first slot, end slot, key end) of each block of query slots: a block attends to keys
+        [0, key end), the furthest any of its queries may see (a causal LM's token sees no key
+        after its own); the masked keys beyond are never read."""
+        width = running.width
+        count = min(MAX_QUERY_BLOCKS, width // MIN_QUERY_BLOCK) or 1
+        if count == 1:
+            return [(0, width, self.mask_rows(layer_type).shape[1])]
+        starts = [width * block // count for block in range(count + 1)]
+        keys_before = self.mask_rows(layer_type).shape[1] - self.seq_len  # cached tokens precede this forward's
+        positions = torch.remainder(running.sources, self.seq_len).view(self.batch_size, width)
+        # Slots of an example hold its running tokens in order, then repeats of its last real token.
+        block_ends = positions.index_select(1, torch.tensor(starts[1:], device=positions.device) - 1)
+        key_ends = (block_ends.amax(0) + 1 + keys_before).tolist()
+        return [(start, end, key_end) for start, end, key_end in zip(starts, starts[1:], key_ends)]
 
     def rotary_rows(self, layer_type: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of the layer type's rotary table at the given flat tokens, [tokens, head_dim] each."""
@@ -251,19 +280,23 @@ def run_layer_on_tokens(
         padded = queries.new_zeros(batch_size * width, *queries.shape[1:])
         queries = padded.index_copy(0, running.slots, queries)
     queries = queries.view(batch_size, width, *queries.shape[1:]).transpose(1, 2)
-    mask = batch.mask_rows(layer_type).index_select(0, running.sources).view(batch_size, 1, width, -1)
-
-    attended, _ = _attention_function(attention)(
-        attention,
-        queries,
-        keys,
-        values,
-        mask,
-        dropout=attention.attention_dropout if attention.training else 0.0,
-        scaling=attention.scaling,
-        **kwargs,
-    )
-    attended = attended.reshape(batch_size * width, -1)
+    mask_rows, sources = batch.mask_rows(layer_type), running.sources.view(batch_size, width)
+    attended = []
+    for start, end, key_end in batch.query_blocks(layer_type, running):
+        block_sources = sources[:, start:end].reshape(-1)
+        mask = mask_rows[:, :key_end].index_select(0, block_sources).view(batch_size, 1, end - start, key_end)
+        block, _ = _attention_function(attention)(
+            attention,
+            queries[:, :, start:end],
+            keys[:, :, :key_end],
+            values[:, :, :key_end],
+            mask,
+            dropout=attention.attention_dropout if attention.training else 0.0,
+            scaling=attention.scaling,
+            **kwargs,
+        )
+        attended.append(block)  # [batch, block slots, heads, head_dim]
+    attended = (attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)).reshape(batch_size * width, -1)
     if running.row_slots is not None:
         attended = attended.index_select(0, running.row_slots)
     flat = hidden.reshape(batch_size * seq, -1)
