@@ -232,7 +232,7 @@ def test_paired_timing_replays_the_first_batches_against_the_reference(task, tin
     shutil.copytree(tiny_llama_dir, reference)  # a separate folder: loaded as a second model
     result = _evaluate(tiny_llama_dir, data_dir, task, tmp_path / "eval.json", "--limit", "3", "--batch-size", "2",
                        "--max-gen-toks", "8", "--reference-model", str(reference), "--timing-repeats", "3",
-                       "--timing-batches", "2", "--timing-decode-steps", "5")  # fmt: skip
+                       "--timing-seconds", "0", "--timing-batches", "2", "--timing-decode-steps", "5")  # fmt: skip
 
     timing = result["timing"]
     assert timing["reference"] == str(reference)
@@ -574,3 +574,30 @@ def test_timed_evaluations_take_turns_across_processes(tmp_path, monkeypatch, ca
     start = time.perf_counter()
     with exclusive_timing(False), exclusive_timing(True):  # shared timing takes no lock; a free lock: no wait
         assert time.perf_counter() - start < 1
+
+
+def test_timing_adds_rounds_until_the_variant_was_timed_for_timing_seconds(tiny_llama_dir, monkeypatch):
+    """--timing-seconds adds rounds to a short batch (up to 5x --timing-repeats); 0 keeps exactly the repeats."""
+    import argparse
+
+    import torch
+
+    from radial.stages import evaluate
+
+    model, tokenizer = evaluate.load_model(tiny_llama_dir)
+    batches = [{"input_ids": torch.randint(3, 200, (2, 12))}]
+    clock = iter(range(10_000))  # each replay of either model takes 0.5 s of this clock
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock) * 0.5)
+
+    def rounds(repeats: int, seconds: float) -> int:
+        args = argparse.Namespace(
+            model=tiny_llama_dir, reference_model=tiny_llama_dir, skip_bias=None, device="cpu",
+            timing_repeats=repeats, timing_seconds=seconds, timing_decode_steps=2,
+        )  # fmt: skip
+        timing = evaluate.paired_timing(model, args, False, batches, tokenizer)
+        assert len(timing["round_ratios"]) == timing["repeats"] and len(timing["model_s"]) == 2 * timing["repeats"]
+        return timing["repeats"]
+
+    assert rounds(3, 0) == 3
+    assert rounds(2, 3.0) == 3  # 2 rounds time the model for 4 x 0.5 s = 2 s < 3 s: one more
+    assert rounds(2, 1000.0) == 10  # at most 5x the repeats
