@@ -23,6 +23,18 @@ def test_skipping_a_layer_saves_all_but_the_keys_and_values():
     assert routed == 480 + 2 * 3 * 128 + (1056 + 1088 + 1120) + 1056
 
 
+def test_a_reuse_slot_is_paid_by_its_runners_alone():
+    # slots [layer 0, layer 0 again, layer 1]: the reuse slot (index 1) charges no keys and values to
+    # the tokens that skip it; run by the first token only, it costs that token's full layer
+    runs = _runs([1, 1, 1], [1, 0, 0], [1, 1, 1])
+    dense, routed = forward_flops(SHAPE, runs, None, logit_rows=3, skip="layer", reuse_slots=[False, True, False])
+    assert dense == 480 + 2 * (1056 + 1088 + 1120 + 3 * 128)
+    full_layer = 1056 + 1088 + 1120 + 3 * 128
+    assert routed == 480 + 2 * full_layer + (1056 + 128)
+    closed = forward_flops(SHAPE, _runs([1, 1, 1], [0, 0, 0], [1, 1, 1]), None, 3, "layer", [False, True, False])
+    assert closed[1] == dense  # a reuse nobody takes costs nothing
+
+
 def test_skipping_the_mlp_saves_only_the_mlp():
     dense, routed = forward_flops(SHAPE, _runs([1, 1, 1], [1, 0, 0]), None, logit_rows=3, skip="mlp")
     assert dense == 480 + 2 * (1056 + 1088 + 1120 + 3 * 128)  # the same dense model

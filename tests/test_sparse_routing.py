@@ -604,3 +604,62 @@ def test_a_reuse_path_must_go_forward_and_match_its_router(base):
         RoutedForCausalLM.from_base(base, router=RandomTokenRouter(5), token_path=[0, 1, 1, 0, 2])
     with pytest.raises(RadialError, match="router has 4 layers, the base model 7 token slots"):
         RoutedForCausalLM.from_base(base, router=RandomTokenRouter(NUM_LAYERS), token_path=REUSE_PATH)
+
+
+class FixedSlotRouter(TokenRouter):
+    """Every layer's first slot runs every token; the reuse slot `slot` runs the positions `runs`, no other reuse slot runs."""
+
+    def __init__(self, path, slot, runs):
+        super().__init__()
+        self.path, self.num_layers, self.slot, self.runs = path, len(path), slot, runs
+
+    def forward(self, slot, hidden_states, attention_mask):
+        if slot != self.slot:
+            reuse = slot > 0 and self.path[slot - 1] == self.path[slot]
+            return hidden_states.new_full(hidden_states.shape[:2], -1.0 if reuse else 1.0)
+        open_ = torch.zeros(hidden_states.shape[:2], dtype=torch.bool)
+        open_[:, self.runs] = True
+        return torch.where(open_, 1.0, -1.0).to(hidden_states.dtype)
+
+
+def test_a_reuse_slot_attends_to_its_visitors_alone(base):
+    """The semantics by hand: layer 0 for all, then layer 0 again for positions R only, as if the
+    sequence held just them (their own positions kept), then every later layer; no other keys."""
+    seq, visitors = 9, [1, 4, 5, 8]
+    ids = torch.randint(3, 300, (1, seq), generator=torch.Generator().manual_seed(31))
+    routed = reuse_routed(base, FixedSlotRouter(REUSE_PATH, 1, visitors))
+    parts, layers = routed.parts, routed.parts.layers
+    with torch.no_grad():
+        got = routed(ids).logits
+        with reference_of(routed):
+            reference = routed(ids).logits
+
+        def layer(index, hidden, positions):
+            rotary = parts.position_embeddings(hidden, positions, routed.layer_types)[routed.layer_types[index]]
+            return parts.call_layer(layers[index], hidden, mask=None, position_ids=positions, position_embeddings=rotary)
+
+        positions = torch.arange(seq).unsqueeze(0)
+        hidden = layer(0, parts.embed(ids, None, positions), positions)
+        hidden[:, visitors] = layer(0, hidden[:, visitors], positions[:, visitors])
+        for index in range(1, NUM_LAYERS):
+            hidden = layer(index, hidden, positions)
+        expected = parts.logits(parts.final(hidden))
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (reference - expected).abs().max().item() <= 1e-4
+
+
+def test_a_reuse_slot_nobody_takes_computes_no_keys_or_values(base):
+    inner = RandomTokenRouter(NUM_LAYERS, fraction=0.5, seed=3)
+    ids, mask = left_padded(seed=21)
+    plain, closed = token_routed(base, router=inner), reuse_routed(base, SlotRouter(inner, REUSE_PATH, -1.0))
+    rows = {}
+    with torch.no_grad():
+        for name, model in (("plain", plain), ("closed", closed)):
+            model(ids[:, :3], attention_mask=mask[:, :3])  # the one-time decomposition probe
+            counter = RowCounter(model, parts=("k_proj", "v_proj", "q_proj"))
+            model(ids, attention_mask=mask)
+            generated = greedy(model, ids, mask)
+            counter.remove()
+            rows[name] = (counter.rows, generated)
+    assert rows["closed"][0] == rows["plain"][0]  # the three reuse slots add no projection at all
+    assert torch.equal(rows["closed"][1], rows["plain"][1])

@@ -392,7 +392,7 @@ def sparse_execution_section(table: pd.DataFrame, markdown_table) -> list[str]:
         "",
         "Each cell: the paired speedup over dense · of the ideal one, dense FLOPs over the FLOPs the variant's routing "
         "left on the same timed batches (matmuls of projections, attention and MLP; a skipped token still pays its "
-        "keys and values, or with skip mlp the whole attention) · in brackets the share of the ideal gain realized, "
+        "keys and values, except at a reuse slot, or with skip mlp the whole attention) · in brackets the share of the ideal gain realized, "
         "(speedup − 1) / (ideal − 1). Norms, routers, gathering and scattering tokens and timing noise (see the "
         "`dense` row above) are what separates the two.",
         "",
@@ -470,7 +470,7 @@ def limit_notes(table: pd.DataFrame, infos: dict[str, dict], evaluations: list[d
         notes.append(
             f"- Token-routed variants ({', '.join(f'`{v}`' for v in sparse)}) ran sparsely: each layer (or, with "
             "skip mlp, each MLP) computed only the real tokens its router runs; a skipped token still paid its "
-            "keys and values (skip layer). Their executed layers count real tokens only."
+            "keys and values (skip layer), except at a reuse slot. Their executed layers count real tokens only."
         )
     for variant, ways in sorted(executions.items()):
         if variant not in sparse:

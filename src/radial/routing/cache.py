@@ -76,6 +76,9 @@ class RoutedCache(Cache):
         self.steps: list[Step] = []
         self.seen_tokens = 0
         self.decided = False  # True once a prefill has fixed the schedule
+        # Token routing with reuse: per reuse step, [rows, positions] True where a position left
+        # keys and values there (only its visitors do; see RoutedForCausalLM).
+        self.visited: dict[int, torch.Tensor] = {}
 
     def add_step(self, step: Step) -> SlotView:
         """Append a schedule step (during prefill) and return the view its layer call writes into."""
@@ -113,6 +116,7 @@ class RoutedCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: rows are only permuted among beams of one example, which share a path."""
+        self.visited = {step: rows.index_select(0, beam_idx.to(rows.device)) for step, rows in self.visited.items()}
         beam_idx = beam_idx.tolist()
         for storage, step in zip(self.layers, self.steps):
             if step.all_rows:

@@ -5,7 +5,8 @@ same real tokens needs, divided by the FLOPs its routing leaves: the q, k, v and
 attention scores and values (each query against the keys it may see), the MLP, and the LM head over
 the logits asked for. What a token that skips still pays depends on the granularity:
 
-- skip "layer": its keys and values (later tokens attend to them);
+- skip "layer": its keys and values (later tokens attend to them), except at a reuse slot (a
+  layer's second visit), where only the tokens that run it leave keys and values;
 - skip "mlp" (DLO): the whole attention; only the MLP is saved.
 
 Norms, rotary, the routers and the elementwise work are left out: they are what keeps a realized
@@ -70,12 +71,19 @@ def layer_flops(shape: Shape, keys_seen: torch.Tensor, skip: str = "layer") -> t
 
 
 def forward_flops(
-    shape: Shape, runs: list[torch.Tensor], attention_mask: torch.Tensor | None, logit_rows: int, skip: str = "layer"
+    shape: Shape,
+    runs: list[torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    logit_rows: int,
+    skip: str = "layer",
+    reuse_slots: list[bool] | None = None,
 ) -> tuple[float, float]:
     """(dense, routed) FLOPs of one forward over [batch, seq] new tokens.
 
     runs: per executed layer, the [batch, seq] tokens that ran it (or its MLP); attention_mask:
-    [batch, keys] over the cache and the new tokens (None: every token real, no cache).
+    [batch, keys] over the cache and the new tokens (None: every token real, no cache);
+    reuse_slots: per run, True at a reuse slot (only its runners pay keys and values; their
+    attention is counted against every earlier key, an upper bound).
     """
     batch, seq = runs[0].shape if runs else (0, 0)
     if attention_mask is None:
@@ -89,9 +97,11 @@ def forward_flops(
     running_cost, shared_cost = running_cost * real, shared_cost * real
     lm_head = 2.0 * shape.hidden * shape.vocab * logit_rows
     dense = lm_head + shape.num_layers * float((running_cost + shared_cost).sum())
-    routed = lm_head + len(runs) * float(shared_cost.sum())
-    for run in runs:
-        routed += float((run.detach().cpu() * running_cost).sum())
+    routed = lm_head
+    for index, run in enumerate(runs):
+        run = run.detach().cpu()
+        leaving_keys = run if reuse_slots and reuse_slots[index] else 1
+        routed += float((run * running_cost).sum() + (leaving_keys * shared_cost).sum())
     return dense, routed
 
 
@@ -99,7 +109,9 @@ def ideal_speedup(shape: Shape, forwards: list[dict[str, Any]], skip: str = "lay
     """Dense over routed FLOPs summed over recorded forwards (RoutedForCausalLM.recording_token_runs)."""
     dense = routed = 0.0
     for forward in forwards:
-        d, r = forward_flops(shape, forward["runs"], forward["attention_mask"], forward["logit_rows"], skip)
+        d, r = forward_flops(
+            shape, forward["runs"], forward["attention_mask"], forward["logit_rows"], skip, forward.get("reuse_slots")
+        )
         dense, routed = dense + d, routed + r
     return dense / routed if routed > 0 else None
 

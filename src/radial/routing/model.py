@@ -24,11 +24,15 @@ has one gate per slot of a non-decreasing list of layers, e.g. [0, 0, 1, 1, 2, 2
 step a token's next slot is the first whose gate runs it: the same layer again (its second slot), a
 later layer (the slots between are skipped), or none (exit; also once it has run
 `budget.max_layers` slots, the maximum dynamic depth). Every slot is a step of the schedule with
-its own cache entry, so keys and values are defined per (layer, occurrence): a token leaves at every
-slot it does not run, and at a slot it runs, the keys and values of the hidden state it carries into
-that slot — for a second visit, the state its first visit produced. Later tokens attend to exactly
-those, with or without a cache, so cached generation equals uncached; slots run sparsely like any
-token step.
+its own cache entry, so keys and values are defined per (layer, occurrence):
+- at a layer's first slot every token leaves the keys and values of the hidden state it carries
+  into the slot, whether it runs the layer or not (as in plain token routing);
+- at a second slot (a reuse) only the tokens that run it leave keys and values — those of the
+  state their first visit produced — and a token running it attends to those alone. A token that
+  skips a reuse slot costs nothing there: a reuse is paid by the tokens that take it.
+The cache keeps, per reuse slot, which positions left keys there (`RoutedCache.visited`), so a
+decoded token sees the same keys as in an uncached forward, and cached generation equals
+uncached; slots run sparsely like any token step.
 
 Once prefill has decided the paths they stay fixed: with a cache the schedule lives in the
 `RoutedCache`; inside `generate` without a cache the first forward's paths are reused.
@@ -72,10 +76,12 @@ from radial.routing.sparse import (
     decomposition_problem,
     describe_token_execution,
     mlp_residual,
+    restrict_keys,
     run_layer_on_tokens,
     run_mlp_on_tokens,
     warn_fallback,
     write_keys_values,
+    write_visitor_keys_values,
 )
 from radial.utils import RadialError
 
@@ -246,6 +252,11 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         self.token_path = tuple(validate_path(config.token_path, self.num_layers)) if config.token_path else None
         if self.token_path is not None and not is_monotone(self.token_path):
             raise RadialError(f"token_path must not go back to an earlier layer, got {list(self.token_path)}")
+        slots = self.token_slots
+        # Token slots that are a second visit of their layer (a reuse): only their visitors leave keys.
+        self._reuse_slots = frozenset(index for index in range(1, len(slots)) if slots[index] == slots[index - 1])
+        if self._reuse_slots and config.token_skip == "mlp":
+            raise RadialError("token_path with a reused layer needs token_skip 'layer' (a reuse runs the whole layer)")
         self.static_paths = (
             [validate_path(p, self.num_layers) for p in config.static_paths] if config.static_paths else None
         )
@@ -644,8 +655,10 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         sparse_reasons = self._sparse_token_reasons() if token_router is not None else None
         masks = self._masks(hidden, attention_mask, cache, position_ids)
         packed_masks = None
-        if self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons:
-            # Packed queries gather rows of the mask, so it must exist even where sdpa would infer it.
+        packed = self.config.token_skip == "layer" and sparse_reasons is not None and None in sparse_reasons
+        if packed or (token_router is not None and self._reuse_slots):
+            # Packed queries gather rows of the mask, and reuse slots restrict it to their visitors,
+            # so it must exist even where sdpa would infer it.
             packed_masks = masks
             if any(not isinstance(mask, torch.Tensor) for mask in masks.values()):
                 packed_masks = self._masks(hidden, attention_mask, cache, position_ids, materialize=True)
@@ -747,9 +760,13 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         """The step's layer up to its attention residual (token_skip "mlp": every token runs this part)."""
         return self._on_step_rows(attention_residual, step, hidden, inputs, view)
 
-    def _on_step_rows(self, function, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view) -> torch.Tensor:
-        """`function(layer, hidden, ...)` on the rows of the examples that run the step; other rows unchanged."""
-        mask, position_ids, position_embeddings = inputs.for_rows(step)
+    def _on_step_rows(
+        self, function, step: Step, hidden: torch.Tensor, inputs: _LayerInputs, view, mask: Any = None
+    ) -> torch.Tensor:
+        """`function(layer, hidden, ...)` on the rows of the examples that run the step; other rows
+        unchanged. `mask` replaces the step's attention mask (token mode: all rows)."""
+        step_mask, position_ids, position_embeddings = inputs.for_rows(step)
+        mask = step_mask if mask is None else mask
         rows_hidden = hidden if step.rows is None else hidden.index_select(0, step.rows)
         out = function(
             self.parts.layers[step.layer],
@@ -796,17 +813,33 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             if self.budget.max_layers is not None and executed_tokens is not None:
                 run = run & (executed_tokens < self.budget.max_layers)  # the maximum dynamic depth: exit
             scale = self._output_scale(logits)
+            visitors = None
+            if index in self._reuse_slots:
+                visitors = self._reuse_visitors(index, run, attention_mask, cache)
             if batch is not None and sparse_reasons[step.layer] is None:
-                hidden = self._sparse_token_step(step, hidden, inputs, view, run, batch, scale)
+                hidden = self._sparse_token_step(step, hidden, inputs, view, run, batch, scale, visitors)
             else:
-                hidden = self._reference_token_step(step, hidden, inputs, view, logits, run, scale)
+                hidden = self._reference_token_step(step, hidden, inputs, view, logits, run, scale, visitors)
             executed_tokens = run.float() if executed_tokens is None else executed_tokens.add_(run)
             if self._token_run_records is not None:
                 if index == 0:
-                    self._token_run_records.append({"runs": [], "attention_mask": attention_mask, "logit_rows": 0})
+                    reuses = [slot in self._reuse_slots for slot in range(len(steps))]
+                    self._token_run_records.append(
+                        {"runs": [], "attention_mask": attention_mask, "logit_rows": 0, "reuse_slots": reuses}
+                    )
                 self._token_run_records[-1]["runs"].append(run.detach())
         self._count_tokens(executed_tokens, attention_mask, hidden.shape[0])
         return hidden
+
+    @staticmethod
+    def _reuse_visitors(index: int, run, attention_mask, cache: RoutedCache | None) -> torch.Tensor:
+        """[batch, keys]: the positions, cached ones first, that left keys and values at reuse slot `index`."""
+        visitors = run if attention_mask is None else run & attention_mask[:, -run.shape[1] :].bool()
+        if cache is not None:
+            if index in cache.visited:
+                visitors = torch.cat([cache.visited[index], visitors], dim=1)
+            cache.visited[index] = visitors
+        return visitors
 
     def _output_scale(self, logits: torch.Tensor) -> torch.Tensor | None:
         """DLO's score on what a running token's layer (or MLP) adds; None without token_score_gap."""
@@ -822,16 +855,27 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             return computed
         return skipped + (scale * (computed - skipped).float()).to(computed.dtype)
 
-    def _sparse_token_step(self, step, hidden, inputs, view, run, batch: TokenBatch, scale=None) -> torch.Tensor:
-        """One layer computed for the running real tokens only (see radial.routing.sparse)."""
+    def _sparse_token_step(self, step, hidden, inputs, view, run, batch: TokenBatch, scale=None, visitors=None):
+        """One layer computed for the running real tokens only (see radial.routing.sparse); at a reuse
+        slot (`visitors`: [batch, keys], the positions that left keys there) only they leave keys."""
         layer = self.parts.layers[step.layer]
         running = batch.running(run)
+        if visitors is not None:
+            layer_type = self.layer_types[step.layer]
+            if running.width == 0:
+                if view is not None:  # no keys to leave here; the cache keeps its length
+                    nobody = hidden.new_empty(0, hidden.shape[-1])
+                    write_visitor_keys_values(layer, nobody, running.tokens, batch, layer_type, view)
+                return hidden
+            out = run_layer_on_tokens(layer, hidden, running, batch, layer_type, view, visitors, **inputs.kwargs)
+            return self._scaled(hidden, out, scale)
         if self.config.token_skip == "mlp":
             mid = self._attention_residual(step, hidden, inputs, view)
             if running.width == 0:
                 return mid
-            out = mlp_residual(layer, mid) if running.every_token else run_mlp_on_tokens(layer, mid, running)
-            return self._scaled(mid, out, scale)
+            if running.every_token:
+                return self._scaled(mid, mlp_residual(layer, mid), scale)
+            return run_mlp_on_tokens(layer, mid, running, scale)
         if running.width == 0:  # only the keys and values later tokens attend to (none without a cache)
             if view is not None:
                 write_keys_values(layer, layer.input_layernorm(hidden), batch, self.layer_types[step.layer], view)
@@ -845,11 +889,16 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         out = run_layer_on_tokens(layer, hidden, running, batch, layer_type, view, **inputs.kwargs)
         return self._scaled(hidden, out, scale)
 
-    def _reference_token_step(self, step, hidden, inputs, view, logits, run, scale=None) -> torch.Tensor:
-        """One layer (or MLP) computed for every token, then each token keeps its routed result."""
+    def _reference_token_step(self, step, hidden, inputs, view, logits, run, scale=None, visitors=None):
+        """One layer (or MLP) computed for every token, then each token keeps its routed result.
+        At a reuse slot every token's keys are written but only the visitors' are attended to."""
         if self.config.token_skip == "mlp":
             skipped = self._attention_residual(step, hidden, inputs, view)
             computed = mlp_residual(self.parts.layers[step.layer], skipped)
+        elif visitors is not None:
+            mask = restrict_keys(inputs.packed_masks[self.layer_types[step.layer]], visitors, hidden.shape[0])
+            skipped = hidden
+            computed = self._on_step_rows(self.parts.call_layer, step, hidden, inputs, view, mask=mask)
         else:
             skipped, computed = hidden, self._call_layer(step, hidden, inputs, view)
         computed = self._scaled(skipped, computed, scale)

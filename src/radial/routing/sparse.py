@@ -255,6 +255,38 @@ def write_keys_values(layer: nn.Module, normed: torch.Tensor, batch: TokenBatch,
     return view.update(keys, values, attention.layer_idx)
 
 
+def write_visitor_keys_values(
+    layer: nn.Module, normed_rows: torch.Tensor, tokens: torch.Tensor, batch: TokenBatch, layer_type: str, view: Any
+):
+    """A reuse slot's keys and values: projected for `tokens` (flat indices; `normed_rows` their
+    normed hidden states) only, zeros elsewhere (the slot's mask hides them); as write_keys_values."""
+    attention = layer.self_attn
+    kv_heads = attention.config.num_key_value_heads
+    keys = normed_rows.new_zeros(batch.batch_size * batch.seq_len, kv_heads, attention.head_dim)
+    values = torch.zeros_like(keys)
+    if tokens.numel():
+        cos, sin = batch.rotary_rows(layer_type, tokens)
+        projected = attention.k_proj(normed_rows).view(tokens.numel(), kv_heads, attention.head_dim)
+        if hasattr(attention, "k_norm"):
+            projected = attention.k_norm(projected)
+        keys = keys.index_copy(0, tokens, _rotate(attention, projected, cos, sin))
+        values = values.index_copy(0, tokens, attention.v_proj(normed_rows).view_as(projected))
+    keys, values = (t.view(batch.batch_size, batch.seq_len, kv_heads, -1).transpose(1, 2) for t in (keys, values))
+    if view is None:
+        return keys, values
+    return view.update(keys, values, attention.layer_idx)
+
+
+def restrict_keys(mask: torch.Tensor, visitors: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A [batch or 1, 1, queries, keys] mask (boolean, or additive float) that also hides the keys
+    where `visitors` ([batch, positions], aligned on the last key) is False."""
+    allowed = visitors[:, -mask.shape[-1] :].view(batch_size, 1, 1, -1)
+    mask = mask.expand(batch_size, *mask.shape[1:])
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
 def run_layer_on_tokens(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -262,16 +294,28 @@ def run_layer_on_tokens(
     batch: TokenBatch,
     layer_type: str,
     view: Any,
+    visitors: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """skip="layer": every token writes its keys and values; only `running` tokens go through the rest."""
+    """skip="layer": every token writes its keys and values; only `running` tokens go through the rest.
+
+    At a reuse slot (`visitors`: [batch, keys], who left keys there) only the running tokens write
+    keys and values, and they attend to the visitors' alone.
+    """
     batch_size, seq, width = hidden.shape[0], hidden.shape[1], running.width
     attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    keys, values = write_keys_values(layer, normed, batch, layer_type, view)
+    flat = hidden.reshape(batch_size * seq, -1)
+    if visitors is None:
+        normed = layer.input_layernorm(hidden)
+        keys, values = write_keys_values(layer, normed, batch, layer_type, view)
+        normed_rows = normed.reshape(batch_size * seq, -1).index_select(0, running.rows)
+    else:
+        normed_rows = layer.input_layernorm(flat.index_select(0, running.rows))
+        tokens = running.tokens
+        keys, values = write_visitor_keys_values(layer, normed_rows[: tokens.numel()], tokens, batch, layer_type, view)
 
     cos, sin = batch.rotary_rows(layer_type, running.rows)
-    queries = attention.q_proj(normed.reshape(batch_size * seq, -1).index_select(0, running.rows))
+    queries = attention.q_proj(normed_rows)
     queries = queries.view(queries.shape[0], -1, attention.head_dim)
     if hasattr(attention, "q_norm"):
         queries = attention.q_norm(queries)
@@ -285,6 +329,8 @@ def run_layer_on_tokens(
     for start, end, key_end in batch.query_blocks(layer_type, running):
         block_sources = sources[:, start:end].reshape(-1)
         mask = mask_rows[:, :key_end].index_select(0, block_sources).view(batch_size, 1, end - start, key_end)
+        if visitors is not None:
+            mask = restrict_keys(mask, visitors[:, -mask_rows.shape[1] :][:, :key_end], batch_size)
         block, _ = _attention_function(attention)(
             attention,
             queries[:, :, start:end],
@@ -299,7 +345,6 @@ def run_layer_on_tokens(
     attended = (attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)).reshape(batch_size * width, -1)
     if running.row_slots is not None:
         attended = attended.index_select(0, running.row_slots)
-    flat = hidden.reshape(batch_size * seq, -1)
     mid = flat.index_select(0, running.rows) + attention.o_proj(attended)
     return flat.index_copy(0, running.tokens, mlp_residual(layer, mid)[: running.count]).view_as(hidden)
 
@@ -329,19 +374,30 @@ def attention_residual(
 
 
 def mlp_residual(layer: nn.Module, mid: torch.Tensor) -> torch.Tensor:
-    """The layer's second residual branch; packed [tokens, hidden] rows go through as one [1, tokens,
-    hidden] batch (mixture-of-experts blocks unpack batch, sequence and hidden)."""
+    """The layer's second residual branch added to `mid`."""
+    return mid + mlp_branch(layer, mid)
+
+
+def mlp_branch(layer: nn.Module, mid: torch.Tensor) -> torch.Tensor:
+    """What the layer's second residual branch adds; packed [tokens, hidden] rows go through as one
+    [1, tokens, hidden] batch (mixture-of-experts blocks unpack batch, sequence and hidden)."""
     normed = layer.post_attention_layernorm(mid)
     out = layer.mlp(normed.unsqueeze(0) if normed.ndim == 2 else normed)
     out = out[0] if isinstance(out, tuple) else out  # MoE blocks of some versions also return router logits
-    return mid + out.view_as(mid)
+    return out.view_as(mid)
 
 
-def run_mlp_on_tokens(layer: nn.Module, mid: torch.Tensor, running: RunningTokens) -> torch.Tensor:
-    """skip="mlp": the MLP branch for the `running` tokens only (the others keep `mid`)."""
+def run_mlp_on_tokens(
+    layer: nn.Module, mid: torch.Tensor, running: RunningTokens, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """skip="mlp": the MLP branch for the `running` tokens only (the others keep `mid`); `scale`
+    ([batch, seq, 1], DLO's score) multiplies what the branch adds, on the running rows alone."""
     flat = mid.reshape(-1, mid.shape[-1])
-    updated = mlp_residual(layer, flat.index_select(0, running.rows))
-    return flat.index_copy(0, running.tokens, updated[: running.count]).view_as(mid)
+    rows = flat.index_select(0, running.rows)
+    added = mlp_branch(layer, rows)
+    if scale is not None:
+        added = (scale.reshape(-1, 1).index_select(0, running.rows) * added.float()).to(added.dtype)
+    return flat.index_copy(0, running.tokens, (rows + added)[: running.count]).view_as(mid)
 
 
 def _rotate(attention: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -370,7 +426,9 @@ __all__ = [
     "decomposition_problem",
     "describe_token_execution",
     "mlp_residual",
+    "restrict_keys",
     "run_layer_on_tokens",
     "run_mlp_on_tokens",
     "write_keys_values",
+    "write_visitor_keys_values",
 ]

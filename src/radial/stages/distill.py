@@ -27,7 +27,9 @@ generation equals uncached generation (tests check it) and the student is traine
 runs. Training runs the reference execution (every token computed, then selected: the
 straight-through gradient needs every token's layer output); at inference the student computes
 each layer for its running tokens only (radial.routing.sparse), so the skipped share is saved.
-Layer reuse (a token repeating a layer) is not implemented: the token routers skip or execute.
+With --reuse (radial-reuse) the gates sit on token slots, a second slot for each reusable layer; at
+such a slot only the tokens that take it leave keys and values (see "Reuse" in
+radial.routing.model), so a reuse is paid by those who take it.
 
 Output: a routed model folder (routing config, router.safetensors, the fine-tuned layers under
 base/ as safetensors via save_pretrained, tokenizer) that loads with
