@@ -113,6 +113,31 @@ def test_a_bad_model_folder_stops_the_workflow_at_start_and_keeps_the_finished_m
     assert (finished / "model.safetensors").read_bytes() == b"ten minutes of pre-training"
 
 
+def test_another_model_never_overwrites_the_finished_results(tmp_path):
+    """results/ of the embedded model, then a config naming a local model: the workflow stops at
+    start, naming what results/ holds and how to keep it; the same model again runs as planned."""
+    workdir = tmp_path / "run"
+    finished = workdir / "results/models/dense"
+    finished.mkdir(parents=True)
+    (finished / "model.safetensors").write_bytes(b"ten minutes of pre-training")
+    (finished / "radial_base.json").write_text(json.dumps({"source": "embedded", "num_layers": 4}))
+    other = tmp_path / "models" / "llama-local"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
+    config["model"]["name_or_path"] = str(other)
+    code, log = _snakemake(workdir, config, "-n", "results/models/dense")
+    assert code != 0
+    assert "results/ holds the results of model 'embedded'" in log and f"this config names {str(other)!r}" in log
+    assert "mv results results-embedded" in log and "Traceback" not in log, log[-3000:]
+    assert (finished / "model.safetensors").read_bytes() == b"ten minutes of pre-training"
+
+    # Built from that folder (recorded relative to the run folder), the same folder given absolute is the same model.
+    (finished / "radial_base.json").write_text(json.dumps({"source": "../models/llama-local", "num_layers": 4}))
+    code, log = _snakemake(workdir, config, "-n", "results/models/dense")
+    assert code == 0, log[-3000:]
+
+
 def test_config_values_reach_the_shell_quoted(tmp_path):
     """A model name with shell syntax or a space is one argument, never a command."""
     workdir = tmp_path / "run dir"

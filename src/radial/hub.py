@@ -84,6 +84,49 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+def check_results_model(results_base: Path, name_or_path: str | None, base: Path) -> None:
+    """Stop before a configured model would overwrite another model's results.
+
+    `results_base` is the finished base-model folder (results/models/dense), whose radial_base.json
+    names the source it was made from: "embedded", a Hub id or a folder (as given, relative to the
+    working directory then). Every result under results/ descends from it, so a different source
+    would re-make all of them in place. The embedded recipe's settings are not compared: changing
+    them re-trains the same embedded model.
+    """
+    summary_file = results_base / "radial_base.json"
+    if not summary_file.is_file():
+        return
+    try:
+        recorded = json.loads(summary_file.read_text()).get("source")
+    except (json.JSONDecodeError, AttributeError):
+        return  # a damaged summary: the base-model stage re-makes it like any broken output
+    configured = name_or_path or "embedded"
+    if recorded is None or _same_source(recorded, configured, base):
+        return
+    raise RadialError(
+        f"model.name_or_path: {results_base.parent.parent}/ holds the results of model {recorded!r} "
+        f"({summary_file}); this config names {configured!r}, which would overwrite them all. Keep them by "
+        f"moving {results_base.parent.parent}/ (and logs/) aside, e.g. `mv {results_base.parent.parent} "
+        f"{results_base.parent.parent}-{_slug(recorded)}`, or run the new model in a copy of the project"
+    )
+
+
+def _same_source(recorded: str, configured: str, base: Path) -> bool:
+    if recorded == configured:
+        return True
+    if "embedded" in (recorded, configured):
+        return False
+    folders = []
+    for source, root in ((recorded, Path.cwd()), (configured, base)):
+        folder = Path(os.path.expanduser(source))
+        folders.append((folder if folder.is_absolute() else root / folder).resolve())
+    return folders[0] == folders[1] and folders[0].exists()
+
+
+def _slug(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source).strip("-") or "previous"
+
+
 def check_model_source(key: str, name_or_path: str | None, base: Path, embedded_layers: int | None = None) -> int | None:
     """Check a configured model before anything runs; return its decoder layers where known, else None.
 

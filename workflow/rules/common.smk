@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.eval_tasks import check_external_tasks
-from radial.hub import check_model_source
+from radial.hub import check_model_source, check_results_model
 from radial.tracking import resolve_mode
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
@@ -66,6 +66,8 @@ try:
     MODEL_LAYERS = check_model_source(
         "model.name_or_path", config["model"]["name_or_path"], PROJECT_DIR, config["model"]["embedded"]["layers"]
     )
+    # Every result descends from results/models/dense: another model must not re-make them in place.
+    check_results_model(Path("results/models/dense"), config["model"]["name_or_path"], PROJECT_DIR)
 except RadialError as err:
     raise WorkflowError(str(err)) from None
 too_deep = [k for k in config["baselines"]["shortgpt"]["k"] if MODEL_LAYERS is not None and k >= MODEL_LAYERS]
