@@ -663,3 +663,19 @@ def test_a_reuse_slot_nobody_takes_computes_no_keys_or_values(base):
             rows[name] = (counter.rows, generated)
     assert rows["closed"][0] == rows["plain"][0]  # the three reuse slots add no projection at all
     assert torch.equal(rows["closed"][1], rows["plain"][1])
+
+
+def test_a_reuse_slot_mask_keeps_the_visitors_and_for_the_reference_each_query_its_own_key():
+    """Training's reference at a reuse slot: a token that skips it gets what taking it would give
+    (the visitors' keys and its own: the straight-through counterfactual), never an empty row."""
+    from radial.routing.sparse import restrict_keys
+
+    causal = torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2).view(1, 1, 3, 5)  # 2 cached keys, 3 queries
+    visitors = torch.tensor([[True, False, False, True, False]])
+    expected_visitors_only = [[1, 0, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
+    expected_with_own = [[1, 0, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]]
+    assert restrict_keys(causal, visitors, 1)[0, 0].int().tolist() == expected_visitors_only
+    assert restrict_keys(causal, visitors, 1, own_keys=True)[0, 0].int().tolist() == expected_with_own
+    additive = torch.zeros(1, 1, 3, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
+    restricted = restrict_keys(additive, visitors, 1, own_keys=True)[0, 0]
+    assert (restricted == 0).int().tolist() == expected_with_own

@@ -891,12 +891,15 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _reference_token_step(self, step, hidden, inputs, view, logits, run, scale=None, visitors=None):
         """One layer (or MLP) computed for every token, then each token keeps its routed result.
-        At a reuse slot every token's keys are written but only the visitors' are attended to."""
+        At a reuse slot every token's keys are written but only the visitors' are attended to (and a
+        token's own, so that a token that skips gets what taking the slot would give it: the
+        straight-through gradient's counterfactual)."""
         if self.config.token_skip == "mlp":
             skipped = self._attention_residual(step, hidden, inputs, view)
             computed = mlp_residual(self.parts.layers[step.layer], skipped)
         elif visitors is not None:
-            mask = restrict_keys(inputs.packed_masks[self.layer_types[step.layer]], visitors, hidden.shape[0])
+            mask = inputs.packed_masks[self.layer_types[step.layer]]
+            mask = restrict_keys(mask, visitors, hidden.shape[0], own_keys=True)
             skipped = hidden
             computed = self._on_step_rows(self.parts.call_layer, step, hidden, inputs, view, mask=mask)
         else:

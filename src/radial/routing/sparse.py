@@ -279,10 +279,16 @@ def write_visitor_keys_values(
     return view.update(keys, values, attention.layer_idx)
 
 
-def restrict_keys(mask: torch.Tensor, visitors: torch.Tensor, batch_size: int) -> torch.Tensor:
+def restrict_keys(mask: torch.Tensor, visitors: torch.Tensor, batch_size: int, own_keys: bool = False) -> torch.Tensor:
     """A [batch or 1, 1, queries, keys] mask (boolean, or additive float) that also hides the keys
-    where `visitors` ([batch, positions], aligned on the last key) is False."""
-    allowed = visitors[:, -mask.shape[-1] :].view(batch_size, 1, 1, -1)
+    where `visitors` ([batch, positions], aligned on the last key) is False. `own_keys`: the queries
+    are the forward's last tokens and each keeps its own key (what it would see if it took the slot)."""
+    queries, keys = mask.shape[-2:]
+    allowed = visitors[:, -keys:].view(batch_size, 1, 1, keys)
+    if own_keys:
+        own = torch.zeros(queries, keys, dtype=torch.bool, device=mask.device)
+        diagonal = torch.arange(queries, device=mask.device)
+        allowed = allowed | own.index_put_((diagonal, diagonal + keys - queries), torch.tensor(True, device=mask.device))
     mask = mask.expand(batch_size, *mask.shape[1:])
     if mask.dtype == torch.bool:
         return mask & allowed
