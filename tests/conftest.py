@@ -192,7 +192,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--integration",
         action="store_true",
-        help="also run tests marked integration: a real SLURM cluster, workflow-level SIGKILL runs, MCTS optimality "
+        help="also run tests marked integration: workflow-level SIGKILL runs, MCTS optimality "
         "(tens of minutes on 2 cores)",
     )
 

@@ -23,7 +23,7 @@ import yaml
 from conftest import PROJECT_ROOT
 from local_slurm import ACCOUNT, PARTITION, local_slurm_cluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.integration]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # in CI (`--slow`) since three clean-clone runs in a row passed
 
 TINY_CONFIG = PROJECT_ROOT / "tests/workflow/config.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(PROJECT_ROOT / "Snakefile"),
