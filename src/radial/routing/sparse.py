@@ -23,10 +23,11 @@ so that what a token skips is not computed:
 
 Padding never runs, except where every real token of a right-padded batch with nothing cached
 runs a layer: the stock call over the whole batch (no mask, sdpa's causal kernel) is then cheaper
-than packing, and no real token reads what the padding computes. `decomposition_problem` says which layers this cannot drive; the routed model
-also checks once, on a few random tokens, that the parts compose into the stock layer's forward
-(outputs, keys and values). Where either fails it runs the reference, every token computed then
-selected, and says so (RoutedForCausalLM.token_execution, a SparseFallbackWarning).
+than packing, and no real token reads what the padding computes. `decomposition_problem` says
+which layers this cannot drive; the routed model also checks once, on a few random tokens, that
+the parts compose into the stock layer's forward (outputs, keys and values). Where either fails
+it runs the reference, every token computed then selected, and says so
+(RoutedForCausalLM.token_execution, a SparseFallbackWarning).
 """
 
 from __future__ import annotations
