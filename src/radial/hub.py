@@ -103,11 +103,11 @@ def check_results_model(results_base: Path, name_or_path: str | None, base: Path
     configured = name_or_path or "embedded"
     if recorded is None or _same_source(recorded, configured, base):
         return
+    results = results_base.parent.parent
     raise RadialError(
-        f"model.name_or_path: {results_base.parent.parent}/ holds the results of model {recorded!r} "
-        f"({summary_file}); this config names {configured!r}, which would overwrite them all. Keep them by "
-        f"moving {results_base.parent.parent}/ (and logs/) aside, e.g. `mv {results_base.parent.parent} "
-        f"{results_base.parent.parent}-{_slug(recorded)}`, or run the new model in a copy of the project"
+        f"model.name_or_path: {results}/ holds the results of model {recorded!r} ({summary_file}); this config "
+        f"names {configured!r}, which would overwrite them all. Keep them by moving {results}/ (and logs/) aside, "
+        f"e.g. `mv {results} {results}-{_slug(recorded)}`, or run the new model in a copy of the project"
     )
 
 
@@ -116,11 +116,14 @@ def _same_source(recorded: str, configured: str, base: Path) -> bool:
         return True
     if "embedded" in (recorded, configured):
         return False
-    folders = []
-    for source, root in ((recorded, Path.cwd()), (configured, base)):
-        folder = Path(os.path.expanduser(source))
-        folders.append((folder if folder.is_absolute() else root / folder).resolve())
-    return folders[0] == folders[1] and folders[0].exists()
+    recorded_folder = _as_folder(recorded, Path.cwd()).resolve()  # the stage got it relative to the working dir
+    return recorded_folder == _as_folder(configured, base).resolve() and recorded_folder.exists()
+
+
+def _as_folder(name_or_path: str, base: Path) -> Path:
+    """Where `name_or_path` would be as a local folder: ~ expanded, relative ones under `base`."""
+    folder = Path(os.path.expanduser(name_or_path))
+    return folder if folder.is_absolute() else base / folder
 
 
 def _slug(source: str) -> str:
@@ -137,8 +140,7 @@ def check_model_source(key: str, name_or_path: str | None, base: Path, embedded_
     """
     if not name_or_path:
         return embedded_layers
-    folder = Path(os.path.expanduser(name_or_path))
-    folder = folder if folder.is_absolute() else base / folder
+    folder = _as_folder(name_or_path, base)
     looks_like_path = not HUB_ID.match(name_or_path) or name_or_path.startswith(".")
     if not folder.exists():
         if looks_like_path:
