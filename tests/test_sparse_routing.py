@@ -202,19 +202,19 @@ def test_right_padded_rows_equal_each_row_alone(base, skip):
 
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_query_blocks_against_fewer_keys_equal_the_reference(base, padding, monkeypatch):
-    """Packed queries attended in blocks (here of 2+ slots), each block against the keys up to its
-    last query: the same logits as the reference, and generations with and without the cache."""
-    monkeypatch.setattr(sparse_module, "MIN_QUERY_BLOCK", 2)
+    """Packed queries attended in column blocks (here of 4+ columns), each block against the keys
+    up to its last column: the same logits as the reference, and generations with and without the cache."""
+    monkeypatch.setattr(sparse_module, "MIN_BLOCK_COLUMNS", 4)
     routed = token_routed(base, fraction=0.5)
     ids, mask = left_padded((19, 9, 14), seed=21)
     if padding == "right":
         ids, mask = ids.flip(1), mask.flip(1)
-    blocks = []
+    calls = []
     original = TokenBatch.query_blocks
 
-    def recording(self, layer_type, running):
-        blocks.append((self.seq_len, original(self, layer_type, running)))
-        return blocks[-1][1]
+    def recording(self, running, keys):
+        calls.append((self.seq_len, running.count, keys, original(self, running, keys)))
+        return calls[-1][-1]
 
     monkeypatch.setattr(TokenBatch, "query_blocks", recording)
     with torch.no_grad():
@@ -222,13 +222,14 @@ def test_query_blocks_against_fewer_keys_equal_the_reference(base, padding, monk
         with reference_of(routed):
             reference = routed(ids, attention_mask=mask).logits
     assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
-    prefill_blocks = [layer for seq, layer in blocks if seq == ids.shape[1] and len(layer) > 1]
-    assert prefill_blocks, "no layer was attended in blocks"
-    for layer in prefill_blocks:
-        key_ends = [key_end for _, _, key_end in layer]
-        assert key_ends == sorted(key_ends) and key_ends[-1] <= ids.shape[1]
-        if padding == "right":  # (left padding puts a short example's tokens last: its blocks need the keys)
-            assert key_ends[0] < ids.shape[1]  # the first block reads fewer keys
+    prefill = [(count, keys, blocks) for seq, count, keys, blocks in calls if seq == ids.shape[1] and len(blocks) > 1]
+    assert prefill, "no layer was attended in blocks"
+    for count, keys, blocks in prefill:
+        key_ends = [block.key_end for block in blocks]
+        assert key_ends == sorted(key_ends) and key_ends[-1] <= keys
+        assert key_ends[0] < keys  # the first block reads fewer keys
+        members = torch.cat([block.members for block in blocks])
+        assert sorted(members.tolist()) == list(range(count))  # every running token attends exactly once
     if padding == "left":  # generation continues after the last real token
         with torch.no_grad():
             cached = greedy(routed, ids, mask)
