@@ -862,7 +862,7 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         running = batch.running(run)
         if visitors is not None:
             layer_type = self.layer_types[step.layer]
-            if running.width == 0:
+            if running.count == 0:
                 if view is not None:  # no keys to leave here; the cache keeps its length
                     nobody = hidden.new_empty(0, hidden.shape[-1])
                     write_visitor_keys_values(layer, nobody, running.tokens, batch, layer_type, view)
@@ -871,12 +871,12 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
             return self._scaled(hidden, out, scale)
         if self.config.token_skip == "mlp":
             mid = self._attention_residual(step, hidden, inputs, view)
-            if running.width == 0:
+            if running.count == 0:
                 return mid
             if running.every_token:
                 return self._scaled(mid, mlp_residual(layer, mid), scale)
             return run_mlp_on_tokens(layer, mid, running, scale)
-        if running.width == 0:  # only the keys and values later tokens attend to (none without a cache)
+        if running.count == 0:  # only the keys and values later tokens attend to (none without a cache)
             if view is not None:
                 write_keys_values(layer, layer.input_layernorm(hidden), batch, self.layer_types[step.layer], view)
             return hidden

@@ -134,13 +134,12 @@ class RunningTokens:
 
     `tokens` index the flattened batch x sequence, row-major. The packed set computed is `rows`:
     the tokens, then, for 2 to 7 tokens, repeats of the first up to MIN_PACKED_ROWS (their results
-    are dropped). `width`: the most tokens any example runs. `every_token`: the whole batch runs,
-    padding-free; `every_real_token`: every real token runs (padding aside).
+    are dropped). `every_token`: the whole batch runs, padding-free; `every_real_token`: every
+    real token runs (padding aside).
     """
 
     tokens: torch.Tensor
     rows: torch.Tensor
-    width: int
     every_token: bool
     every_real_token: bool
 
@@ -203,11 +202,10 @@ class TokenBatch:
         batch, seq = self.batch_size, self.seq_len
         tokens = run.reshape(-1).nonzero().squeeze(1)
         count = tokens.numel()
-        width = count if batch == 1 else int(run.sum(1).max())
         rows = tokens
         if 1 < count < MIN_PACKED_ROWS:
             rows = torch.cat([tokens, tokens[:1].expand(MIN_PACKED_ROWS - count)])
-        return RunningTokens(tokens, rows, width, count == batch * seq, count == self.real_count)
+        return RunningTokens(tokens, rows, count == batch * seq, count == self.real_count)
 
     def mask_rows(self, layer_type: str, dtype: torch.dtype) -> torch.Tensor:
         """The layer type's 4-D mask as [batch * seq, keys], additive (0 or the dtype's minimum):
@@ -230,7 +228,7 @@ class TokenBatch:
         to its last column (a causal LM's token sees no later key), so the calls cover a staircase
         under the causal triangle instead of the whole rectangle.
         """
-        batch, seq = self.batch_size, self.seq_len
+        seq = self.seq_len
         count = min(MAX_QUERY_BLOCKS, seq // MIN_BLOCK_COLUMNS) or 1
         if count == 1:
             return [self._block(running.tokens, None, keys)]
@@ -337,7 +335,7 @@ def run_layer_on_tokens(
     At a reuse slot (`visitors`: [batch, keys], who left keys there) only the running tokens write
     keys and values, and they attend to the visitors' alone.
     """
-    batch_size, seq, width = hidden.shape[0], hidden.shape[1], running.width
+    batch_size, seq = hidden.shape[:2]
     attention = layer.self_attn
     flat = hidden.reshape(batch_size * seq, -1)
     if visitors is None:
