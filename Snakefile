@@ -23,9 +23,9 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        "results/report/report.md",
-        "results/report/table.csv",
-        "results/mcts/labels.jsonl",
+        results("report/report.md"),
+        results("report/table.csv"),
+        results("mcts/labels.jsonl"),
         wandb_report_targets(),
         depth_trend_targets(),
     default_target: True

@@ -1,7 +1,7 @@
 """Cost of the MCTS labels with and without prefix sharing, measured in one run.
 
     python bench/mcts_cost.py                               # random-init 12-layer d=128 model
-    python bench/mcts_cost.py --model results/models/dense  # a trained model (early stops often)
+    python bench/mcts_cost.py --model results/embedded/models/dense  # a trained model (early stops often)
 
 Both modes run the same search (Dr.LLM's default settings) on the same synthetic examples:
 `naive` evaluates every simulation's path from scratch (a plain KV-cached greedy decode per path),

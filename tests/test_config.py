@@ -11,6 +11,7 @@ import yaml
 
 from conftest import PROJECT_ROOT
 from radial import settings
+from radial.hub import model_slug
 from radial.settings import describe_validation_error
 
 SCHEMA = yaml.safe_load(settings.SCHEMA_PATH.read_text())
@@ -71,6 +72,41 @@ def _dry_run(tmp_path, config: dict, *targets: str, cores: int = 1) -> subproces
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "name_or_path, folder",
+    [
+        (None, "embedded"),
+        ("meta-llama/Llama-3.2-3B", "meta-llama--Llama-3.2-3B"),
+        ("Qwen/Qwen2.5-3B", "Qwen--Qwen2.5-3B"),
+        ("../models/Llama-3.2-3B", "models--Llama-3.2-3B"),
+        ("/data/ckpt/llama 3b/", "data--ckpt--llama-3b"),
+        ("x$(touch pwned)", "x-touch-pwned"),
+        ("./data", "model-data"),  # results/data and results/sweep serve every model
+        ("embedded", "model-embedded"),
+    ],
+)
+def test_each_model_has_a_results_folder_named_after_it(name_or_path, folder):
+    assert model_slug(name_or_path) == folder
+
+
+def test_two_models_plan_their_chains_in_separate_folders(tmp_path):
+    """The whole chain (the schema's defaults) of a Hub model and of the embedded one: no output
+    path in common but the shared benchmark rows."""
+    outputs = {}
+    for name_or_path in (None, "Qwen/Qwen2.5-3B"):
+        result = _dry_run(tmp_path, {"model": {"name_or_path": name_or_path}})
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name_or_path] = {
+            word for line in result.stdout.splitlines() if "--out " in line
+            for word in [line.split("--out ", 1)[1].split()[0]]
+        }  # fmt: skip
+    embedded, qwen = outputs[None], outputs["Qwen/Qwen2.5-3B"]
+    assert "results/embedded/models/dense" in embedded and "results/Qwen--Qwen2.5-3B/models/dense" in qwen
+    assert "results/Qwen--Qwen2.5-3B/mcts/shards/1-of-2.jsonl" in qwen and "results/Qwen--Qwen2.5-3B/profile" in qwen
+    shared = embedded & qwen
+    assert shared and all(path.startswith("results/data/") for path in shared), shared
+
+
 def test_snakemake_stops_on_unknown_key_with_one_message(tmp_path):
     result = _dry_run(tmp_path, {"evaluate": {"batch_sise": 4}})
     assert result.returncode != 0
@@ -106,7 +142,7 @@ def test_a_task_of_the_users_own_needs_no_data_stage(tmp_path):
     folder = write_user_tasks(tmp_path / "my tasks")  # a space: the path reaches the shell quoted
     config = {"evaluate": {"variants": ["dense"], "tasks": ["toy_parity", "arc_easy"], "include_path": str(folder),
                            "limit_per_task": {"toy_parity": 3}}}  # fmt: skip
-    result = _dry_run(tmp_path, config, "results/eval/dense/toy_parity.json")
+    result = _dry_run(tmp_path, config, "results/embedded/eval/dense/toy_parity.json")
     assert result.returncode == 0, result.stderr[-2000:]
     (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]
     assert "--task toy_parity arc_easy " in command and f"--include-path '{folder}'" in command
@@ -117,11 +153,11 @@ def test_a_task_of_the_users_own_needs_no_data_stage(tmp_path):
 
 def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
     config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy", "mmlu", "gsm8k"], "limit_per_task": {"mmlu": 2}}}
-    targets = ["results/eval/dense/arc_easy.json", "results/eval/dense/mmlu.json", "results/eval/dense/gsm8k.json"]
+    targets = ["results/embedded/eval/dense/arc_easy.json", "results/embedded/eval/dense/mmlu.json", "results/embedded/eval/dense/gsm8k.json"]
     result = _dry_run(tmp_path, config, *targets)
     assert result.returncode == 0, result.stderr[-2000:]
     (command,) = [line for line in result.stdout.splitlines() if "radial evaluate" in line]  # one job, every task
-    assert "--task arc_easy mmlu gsm8k " in command and "--out 'results/eval/dense/{task}.json'" in command
+    assert "--task arc_easy mmlu gsm8k " in command and "--out 'results/embedded/eval/dense/{task}.json'" in command
     assert "--limit-per-task mmlu=2 " in command
     assert "--limit " not in command  # the schema's default limit is null: everything
     assert "--num-fewshot arc_easy=0 mmlu=5 gsm8k=5 " in command  # the schema's per-task defaults
@@ -134,7 +170,7 @@ def test_per_task_limit_reaches_each_evaluation_command(tmp_path):
 @pytest.mark.parametrize("timing, threads", [("exclusive", 2), ("shared", 1)])
 def test_evaluation_timing_sets_the_cores_each_evaluation_holds(tmp_path, timing, threads):
     config = {"evaluate": {"variants": ["dense"], "tasks": ["arc_easy"], "timing": timing}}
-    result = _dry_run(tmp_path, config, "results/eval/dense/arc_easy.json", cores=2)
+    result = _dry_run(tmp_path, config, "results/embedded/eval/dense/arc_easy.json", cores=2)
     assert result.returncode == 0, result.stderr[-2000:]
     command = next(line for line in result.stdout.splitlines() if "radial evaluate" in line)
     assert command.startswith(f"Shell command: OMP_NUM_THREADS={threads} "), command
@@ -158,19 +194,19 @@ def test_profiling_on_the_split_the_variants_are_scored_on_is_refused(tmp_path):
     result = _dry_run(tmp_path, {"profile": {"split": "test"}})
     assert result.returncode != 0
     assert "profile.split: 'test' is the split the variants are scored on" in result.stderr + result.stdout
-    calibrated = _dry_run(tmp_path, {}, "results/profile")
+    calibrated = _dry_run(tmp_path, {}, "results/embedded/profile")
     assert calibrated.returncode == 0 and "--data results/data/synthetic/train.jsonl" in calibrated.stdout
 
 
 def test_the_reuse_student_is_its_own_variant_trained_with_its_own_flags(tmp_path):
     config = {"evaluate": {"variants": ["dense", "radial", "radial_reuse"]}, "distill": {"reuse_layers": [2, 5], "max_depth": 10}}
-    result = _dry_run(tmp_path, config, "results/eval/radial-reuse/synthetic.json", "results/models/radial")
+    result = _dry_run(tmp_path, config, "results/embedded/eval/radial-reuse/synthetic.json", "results/embedded/models/radial")
     assert result.returncode == 0, result.stderr
     reuse = next(line for line in result.stdout.splitlines() if "distill --reuse" in line)
-    assert "--out results/models/radial-reuse" in reuse and "--reuse-layers 2 5" in reuse and "--max-depth 10" in reuse
-    plain = next(line for line in result.stdout.splitlines() if "--out results/models/radial " in line)
+    assert "--out results/embedded/models/radial-reuse" in reuse and "--reuse-layers 2 5" in reuse and "--max-depth 10" in reuse
+    plain = next(line for line in result.stdout.splitlines() if "--out results/embedded/models/radial " in line)
     assert "--reuse" not in plain and "--max-depth" not in plain  # the plain student neither reuses nor changes
-    assert "--model results/models/radial-reuse --variant radial-reuse" in result.stdout
+    assert "--model results/embedded/models/radial-reuse --variant radial-reuse" in result.stdout
 
 
 def test_the_depth_sweep_pretrains_each_depth_on_one_token_budget_and_profiles_on_one_text(tmp_path):
@@ -179,12 +215,12 @@ def test_the_depth_sweep_pretrains_each_depth_on_one_token_budget_and_profiles_o
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
     for layers in (6, 12, 24):
-        pretrain = next(c for c in commands if f"--out results/models/sweep/embedded-{layers}L " in c)
+        pretrain = next(c for c in commands if f"--out results/sweep/models/embedded-{layers}L " in c)
         assert f"--layers {layers} " in pretrain and "--steps 1000 " in pretrain and "--hidden-size 128 " in pretrain
-        profile = next(c for c in commands if f"--out results/profile_sweep/embedded-{layers}L " in c)
+        profile = next(c for c in commands if f"--out results/sweep/profiles/embedded-{layers}L " in c)
         assert "--data results/data/synthetic/train.jsonl" in profile
     trend = next(c for c in commands if "radial depth-trend" in c)
-    assert all(f"results/profile_sweep/embedded-{layers}L" in trend for layers in (6, 12, 24))
+    assert all(f"results/sweep/profiles/embedded-{layers}L" in trend for layers in (6, 12, 24))
 
 
 @pytest.mark.parametrize("entry,message", [
@@ -198,9 +234,9 @@ def test_a_bad_depth_sweep_entry_is_named_at_start(tmp_path, entry, message):
 
 
 def test_the_calibration_split_reaches_the_shell_quoted(tmp_path):
-    result = _dry_run(tmp_path, {"profile": {"split": "tr ain$(touch pwned)"}}, "results/profile")
+    result = _dry_run(tmp_path, {"profile": {"split": "tr ain$(touch pwned)"}}, "results/embedded/profile")
     assert result.returncode == 0, result.stderr
-    assert "--data 'results/data/synthetic/tr ain$(touch pwned).jsonl' --out results/profile" in result.stdout
+    assert "--data 'results/data/synthetic/tr ain$(touch pwned).jsonl' --out results/embedded/profile" in result.stdout
 
 
 def test_a_moved_project_plans_the_same_commands(tmp_path):

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT, SHARED_DATA
+from radial.hub import model_slug
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def test_malformed_row_stops_with_file_and_line(tmp_path, local_data):
 @pytest.mark.parametrize("problem", ["missing", "no model inside"])
 def test_a_bad_model_folder_stops_the_workflow_at_start_and_keeps_the_finished_model(tmp_path, problem):
     workdir = tmp_path / "run"
-    finished = workdir / "results/models/dense"
+    finished = workdir / "results/embedded/models/dense"
     finished.mkdir(parents=True)
     (finished / "model.safetensors").write_bytes(b"ten minutes of pre-training")
     folder = tmp_path / "models" / "llama-local"
@@ -106,18 +107,20 @@ def test_a_bad_model_folder_stops_the_workflow_at_start_and_keeps_the_finished_m
         folder.mkdir(parents=True)
     config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
     config["model"]["name_or_path"] = str(folder)
-    code, log = _snakemake(workdir, config, "results/models/dense")
+    code, log = _snakemake(workdir, config)
     assert code != 0
     expected = "does not exist) nor a Hub id" if problem == "missing" else "holds no model (no config.json there)"
     assert f"model.name_or_path: " in log and expected in log and str(folder) in log, log[-3000:]
     assert (finished / "model.safetensors").read_bytes() == b"ten minutes of pre-training"
+    assert not (workdir / "results" / model_slug(str(folder))).exists()
 
 
-def test_another_model_never_overwrites_the_finished_results(tmp_path):
-    """results/ of the embedded model, then a config naming a local model: the workflow stops at
-    start, naming what results/ holds and how to keep it; the same model again runs as planned."""
+def test_another_model_writes_its_own_results_and_never_overwrites_the_finished_ones(tmp_path):
+    """results/embedded/ of the embedded model, then a config naming a local model: the whole chain
+    is planned under results/<that model>/ and the embedded model's results stay. A folder of that
+    name holding another source's results stops the workflow at start, naming it and how to keep it."""
     workdir = tmp_path / "run"
-    finished = workdir / "results/models/dense"
+    finished = workdir / "results/embedded/models/dense"
     finished.mkdir(parents=True)
     (finished / "model.safetensors").write_bytes(b"ten minutes of pre-training")
     (finished / "radial_base.json").write_text(json.dumps({"source": "embedded", "num_layers": 4}))
@@ -126,16 +129,37 @@ def test_another_model_never_overwrites_the_finished_results(tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
     config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
     config["model"]["name_or_path"] = str(other)
-    code, log = _snakemake(workdir, config, "-n", "results/models/dense")
-    assert code != 0
-    assert "results/ holds the results of model 'embedded'" in log and f"this config names {str(other)!r}" in log
-    assert "mv results results-embedded" in log and "Traceback" not in log, log[-3000:]
+    slug = model_slug(str(other))
+    assert slug.endswith("models--llama-local")
+
+    code, log = _snakemake(workdir, config, "--dry-run")  # the default target: the whole chain
+    assert code == 0, log[-3000:]
+    assert f"--out results/{slug}/models/dense " in log and f"results/{slug}/report/report.md" in log
+    assert "results/embedded/" not in log and "logs/embedded/" not in log
     assert (finished / "model.safetensors").read_bytes() == b"ten minutes of pre-training"
 
+    theirs = workdir / "results" / slug / "models/dense"
+    theirs.mkdir(parents=True)
+    (theirs / "radial_base.json").write_text(json.dumps({"source": "elsewhere/llama-local", "num_layers": 4}))
+    code, log = _snakemake(workdir, config, "--dry-run")
+    assert code != 0
+    assert f"results/{slug}/ holds the results of model 'elsewhere/llama-local'" in log, log[-3000:]
+    assert f"this config names {str(other)!r}" in log and f"mv results/{slug} results/{slug}-previous" in log
+    assert "Traceback" not in log, log[-3000:]
+
     # Built from that folder (recorded relative to the run folder), the same folder given absolute is the same model.
-    (finished / "radial_base.json").write_text(json.dumps({"source": "../models/llama-local", "num_layers": 4}))
-    code, log = _snakemake(workdir, config, "-n", "results/models/dense")
+    (theirs / "radial_base.json").write_text(json.dumps({"source": "../models/llama-local", "num_layers": 4}))
+    code, log = _snakemake(workdir, config, "--dry-run")
     assert code == 0, log[-3000:]
+
+
+def test_a_run_from_before_per_model_folders_is_pointed_at_its_new_place(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "results/models/dense").mkdir(parents=True)
+    (workdir / "results/models/dense/radial_base.json").write_text(json.dumps({"source": "embedded"}))
+    code, log = _snakemake(workdir, TINY_CONFIG, "--dry-run", "results/embedded/models/dense")
+    assert code == 0, log[-3000:]
+    assert "mkdir -p results/embedded && mv results/models results/embedded/" in log, log[-3000:]
 
 
 def test_config_values_reach_the_shell_quoted(tmp_path):
@@ -144,7 +168,8 @@ def test_config_values_reach_the_shell_quoted(tmp_path):
     workdir.mkdir()
     config = yaml.safe_load(yaml.safe_dump(TINY_CONFIG))
     config["model"]["name_or_path"] = "x$(touch pwned)"
-    code, log = _snakemake(workdir, config, "results/models/dense")
+    assert model_slug("x$(touch pwned)") == "x-touch-pwned"
+    code, log = _snakemake(workdir, config, "results/x-touch-pwned/models/dense")
     assert code != 0  # no such model
     assert "x$(touch pwned)" in log and "unrecognized arguments" not in log
     assert not list(tmp_path.rglob("pwned")) and not (PROJECT_ROOT / "pwned").exists()
@@ -227,8 +252,8 @@ def _resume_config(model_dir) -> dict:
     return config
 
 
-MCTS_LABELS = "results/mcts/labels.jsonl"
-DISTILLED = "results/models/radial"
+MCTS_LABELS = "results/embedded/mcts/labels.jsonl"
+DISTILLED = "results/embedded/models/radial"
 
 
 def _start(workdir, config, *targets) -> subprocess.Popen:
@@ -259,22 +284,22 @@ def test_sigkilled_mcts_shard_resumes_and_matches_an_uninterrupted_run(tmp_path,
 
     config = _resume_config(tiny_llama_dir)
     run = _start(tmp_path, config, MCTS_LABELS)
-    progress = tmp_path / "results/mcts/progress/1-of-2.jsonl"
+    progress = tmp_path / "results/embedded/mcts/progress/1-of-2.jsonl"
     # Kill the stage process of shard 1 (Snakemake stays up, sees the job fail) once it has
     # checkpointed a few examples.
     _wait_for(lambda: progress.is_file() and len(progress.read_text().splitlines()) >= 1 + 2, run, "shard progress")
-    pids = _stage_pids(tmp_path, "mcts", "search", "results/mcts/shards/1-of-2.jsonl")
+    pids = _stage_pids(tmp_path, "mcts", "search", "results/embedded/mcts/shards/1-of-2.jsonl")
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
     log, _ = run.communicate(timeout=600)
     assert run.returncode != 0 and "Error in rule mcts_shard" in log, log[-3000:]
-    assert not (tmp_path / "results/mcts/shards/1-of-2.jsonl").exists()  # nothing half-written looks complete
+    assert not (tmp_path / "results/embedded/mcts/shards/1-of-2.jsonl").exists()  # nothing half-written looks complete
     done_before = len(progress.read_text().splitlines()) - 1
     assert 2 <= done_before < 6, done_before  # 12 examples over 2 shards: killed part-way
 
     code, log = _snakemake(tmp_path, config, MCTS_LABELS, timeout=900)
     assert code == 0, log[-4000:]
-    assert f"resuming shard 1/2 after {done_before} of 6 examples" in (tmp_path / "logs/mcts/1-of-2.log").read_text()
+    assert f"resuming shard 1/2 after {done_before} of 6 examples" in (tmp_path / "logs/embedded/mcts/1-of-2.log").read_text()
     resumed = _without_timing(read_jsonl(tmp_path / MCTS_LABELS))
     assert resumed == _without_timing(read_jsonl(uninterrupted / MCTS_LABELS))
 
@@ -290,7 +315,7 @@ def test_sigkilled_workflow_during_distillation_resumes_and_matches_an_uninterru
 
     config = _resume_config(tiny_llama_dir)
     run = _start(tmp_path, config, DISTILLED)
-    latest = tmp_path / "results/train/distill/checkpoints/latest"
+    latest = tmp_path / "results/embedded/train/distill/checkpoints/latest"
     _wait_for(latest.is_file, run, "a distillation checkpoint", timeout=900)
     os.killpg(run.pid, signal.SIGKILL)
     for pid in _stage_pids(tmp_path, "distill"):  # the stage runs in Snakemake's session: gone too
@@ -304,7 +329,7 @@ def test_sigkilled_workflow_during_distillation_resumes_and_matches_an_uninterru
     assert _snakemake(tmp_path, config, "--unlock")[0] == 0
     code, log = _snakemake(tmp_path, config, DISTILLED, timeout=1200)  # rerun-incomplete: the workstation profile
     assert code == 0, log[-4000:]
-    assert "resumed from" in (tmp_path / "logs/distill.log").read_text()
+    assert "resumed from" in (tmp_path / "logs/embedded/distill.log").read_text()
 
     info = json.loads((tmp_path / DISTILLED / "training.json").read_text())
     reference = json.loads((uninterrupted / DISTILLED / "training.json").read_text())

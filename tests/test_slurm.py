@@ -128,8 +128,8 @@ class TestOnLocalCluster:
             assert list((tmp_path / "logs/slurm" / f"rule_{rule}").rglob(f"{slurm_id}.log")), (rule, slurm_id)
         assert "profile" in gpu_rules  # the GPU request path was exercised
 
-        assert (tmp_path / "results/report/report.md").stat().st_size > 0
-        assert (tmp_path / "results/report/table.csv").stat().st_size > 0
+        assert (tmp_path / "results/embedded/report/report.md").stat().st_size > 0
+        assert (tmp_path / "results/embedded/report/table.csv").stat().st_size > 0
 
         # Resuming: a second run through the same profile finds everything done and submits nothing.
         again = _run([*SNAKEMAKE, *_tiny_config(tmp_path), "--dry-run"], tmp_path, _cluster_env(), timeout=300)

@@ -35,7 +35,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
     result = subprocess.run([*run, "--cores", "2"], capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stderr[-5000:]
 
-    report = tmp_path / "results/report"
+    report = tmp_path / "results/embedded/report"
     table = pd.read_csv(report / "table.csv")
     variants = evaluation_variants(tiny_config)
     assert {"dense", "shortgpt-k2", "soft-exit2", "soft-conf0.5", "dlo-c0.25"} <= set(variants)  # the baselines' sweeps
@@ -56,14 +56,14 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert "toy_parity 4 examples (0-shot, acc_norm)" in markdown
     assert "![residual ratio by layer and position](heatmap.png)" in markdown
     assert (report / "heatmap.png").stat().st_size > 0
-    mcts_stats = json.loads((tmp_path / "results/mcts/stats.json").read_text())
+    mcts_stats = json.loads((tmp_path / "results/embedded/mcts/stats.json").read_text())
     assert f"{mcts_stats['examples']} training examples searched" in markdown  # the routers' labels, described
     assert mcts_stats["naive_block_evaluations"] > mcts_stats["block_evaluations"] > 0
     assert (report / "mcts.png").stat().st_size > 0
 
-    base = json.loads((tmp_path / "results/models/dense/radial_base.json").read_text())
+    base = json.loads((tmp_path / "results/embedded/models/dense/radial_base.json").read_text())
     assert base["num_layers"] == 4 and len(base["synthetic_accuracy"]) == 5
-    for stage_log in ("logs/base_model.log", "logs/profile.log", "logs/report.log"):
+    for stage_log in ("logs/embedded/base_model.log", "logs/embedded/profile.log", "logs/embedded/report.log"):
         assert (tmp_path / stage_log).exists()
 
     # A second run has nothing to do: every output is cached and up to date.

@@ -84,16 +84,32 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def check_results_model(results_base: Path, name_or_path: str | None, base: Path) -> None:
-    """Stop before a configured model would overwrite another model's results.
+SHARED_RESULTS = ("data", "sweep")  # results/data and results/sweep serve every model
 
-    `results_base` is the finished base-model folder (results/models/dense), whose radial_base.json
-    names the source it was made from: "embedded", a Hub id or a folder (as given, relative to the
-    working directory then). Every result under results/ descends from it, so a different source
-    would re-make all of them in place. The embedded recipe's settings are not compared: changing
-    them re-trains the same embedded model.
+
+def model_slug(name_or_path: str | None) -> str:
+    """The folder under results/ (and logs/, benchmarks/) that holds one model's results.
+
+    "embedded" for the embedded model; else the configured Hub id or folder as written, its path
+    parts joined by "--" (meta-llama/Llama-3.2-3B -> meta-llama--Llama-3.2-3B, ../models/llama ->
+    models--llama). Taken as written, not resolved, so that a moved project keeps its folder names.
     """
-    summary_file = results_base / "radial_base.json"
+    if not name_or_path:
+        return "embedded"
+    parts = (re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("-") for part in re.split(r"[/\\]+", name_or_path))
+    slug = "--".join(part for part in parts if part not in ("", ".", "..", "~")) or "model"
+    return f"model-{slug}" if slug in (*SHARED_RESULTS, "embedded") else slug
+
+
+def check_results_model(results: Path, name_or_path: str | None, base: Path) -> None:
+    """Stop before a configured model would overwrite another model's results in `results`.
+
+    Each model writes under results/<model_slug>/, so this only stops two sources whose slugs
+    coincide (../ckpt and ckpt). Its models/dense/radial_base.json names the source it was made
+    from: "embedded", a Hub id or a folder (as given, relative to the working directory then).
+    The embedded recipe's settings are not compared: changing them re-trains the same embedded model.
+    """
+    summary_file = results / "models" / "dense" / "radial_base.json"
     if not summary_file.is_file():
         return
     try:
@@ -103,11 +119,10 @@ def check_results_model(results_base: Path, name_or_path: str | None, base: Path
     configured = name_or_path or "embedded"
     if recorded is None or _same_source(recorded, configured, base):
         return
-    results = results_base.parent.parent
     raise RadialError(
         f"model.name_or_path: {results}/ holds the results of model {recorded!r} ({summary_file}); this config "
-        f"names {configured!r}, which would overwrite them all. Keep them by moving {results}/ (and logs/) aside, "
-        f"e.g. `mv {results} {results}-{_slug(recorded)}`, or run the new model in a copy of the project"
+        f"names {configured!r}, whose results would go to the same folder and overwrite them. Keep them by "
+        f"moving {results}/ aside, e.g. `mv {results} {results}-previous`, or give the model's folder another name"
     )
 
 
@@ -124,10 +139,6 @@ def _as_folder(name_or_path: str, base: Path) -> Path:
     """Where `name_or_path` would be as a local folder: ~ expanded, relative ones under `base`."""
     folder = Path(os.path.expanduser(name_or_path))
     return folder if folder.is_absolute() else base / folder
-
-
-def _slug(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source).strip("-") or "previous"
 
 
 def check_model_source(key: str, name_or_path: str | None, base: Path, embedded_layers: int | None = None) -> int | None:

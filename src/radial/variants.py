@@ -1,7 +1,7 @@
 """Evaluation variants: the config's method families expanded over their sweeps into variant names.
 
 `evaluate.variants` lists families; each becomes one variant per value of its sweep lists, and a
-variant name is also its model folder under results/models/ and its wildcard:
+variant name is also its model folder under results/<model>/models/ and its wildcard:
 
     dense      dense                                    the base model
     shortgpt   shortgpt-k{k}        baselines.shortgpt.k        ShortGPT, k lowest-BI layers removed
@@ -92,5 +92,5 @@ def evaluation_variants(config: dict[str, Any]) -> list[str]:
 
 
 def is_baseline_variant(variant: str) -> bool:
-    """True for the baseline stages' variants, whose model folder is results/models/<variant>."""
+    """True for the baseline stages' variants, whose model folder is results/<model>/models/<variant>."""
     return bool(BASELINE_VARIANT.match(variant))

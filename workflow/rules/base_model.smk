@@ -2,11 +2,11 @@ rule base_model:
     input:
         base_model_inputs,
     output:
-        directory("results/models/dense"),
+        directory(results("models/dense")),
     log:
-        "logs/base_model.log",
+        logs("base_model.log"),
     benchmark:
-        "benchmarks/base_model.tsv"
+        benchmarks("base_model.tsv")
     params:
         flags=base_model_flags,
         common=common_flags(),

@@ -1,5 +1,5 @@
 # Baselines the routed models are compared with. Every variant is a model folder under
-# results/models/<variant> that the evaluate rule picks up (variant_model in common.smk); the sweep
+# results/<model>/models/<variant> that the evaluate rule picks up (variant_model in common.smk); the sweep
 # lists in config key `baselines` expand to these wildcards (radial.variants).
 # SoFT and DLO fine-tune on the DeepSpeed harness: they run on a GPU when evaluation does.
 FINETUNE_FLAGS = section_flags("baselines.finetune")
@@ -8,14 +8,14 @@ FINETUNE_DATA = expand("results/data/{task}", task=TASKS)
 
 rule shortgpt:
     input:
-        model="results/models/dense",
-        profile="results/profile",
+        model=results("models/dense"),
+        profile=results("profile"),
     output:
-        directory("results/models/shortgpt-k{k}"),
+        directory(results("models/shortgpt-k{k}")),
     log:
-        "logs/baselines/shortgpt-k{k}.log",
+        logs("baselines/shortgpt-k{k}.log"),
     benchmark:
-        "benchmarks/baselines/shortgpt-k{k}.tsv"
+        benchmarks("baselines/shortgpt-k{k}.tsv")
     wildcard_constraints:
         k=r"\d+",
     params:
@@ -29,14 +29,14 @@ rule shortgpt:
 
 rule soft:
     input:
-        model="results/models/dense",
+        model=results("models/dense"),
         data=FINETUNE_DATA,
     output:
-        directory("results/models/soft"),
+        directory(results("models/soft")),
     log:
-        "logs/baselines/soft.log",
+        logs("baselines/soft.log"),
     benchmark:
-        "benchmarks/baselines/soft.tsv"
+        benchmarks("baselines/soft.tsv")
     params:
         exits=lambda wildcards: " ".join(map(str, soft_exits(config))),
         flags=FINETUNE_FLAGS,
@@ -53,13 +53,13 @@ rule soft:
 
 rule soft_exit:
     input:
-        "results/models/soft",
+        results("models/soft"),
     output:
-        directory("results/models/soft-exit{depth}"),
+        directory(results("models/soft-exit{depth}")),
     log:
-        "logs/baselines/soft-exit{depth}.log",
+        logs("baselines/soft-exit{depth}.log"),
     benchmark:
-        "benchmarks/baselines/soft-exit{depth}.tsv"
+        benchmarks("baselines/soft-exit{depth}.tsv")
     wildcard_constraints:
         depth=r"\d+",
     params:
@@ -72,13 +72,13 @@ rule soft_exit:
 
 rule soft_confidence_exit:
     input:
-        "results/models/soft",
+        results("models/soft"),
     output:
-        directory("results/models/soft-conf{threshold}"),
+        directory(results("models/soft-conf{threshold}")),
     log:
-        "logs/baselines/soft-conf{threshold}.log",
+        logs("baselines/soft-conf{threshold}.log"),
     benchmark:
-        "benchmarks/baselines/soft-conf{threshold}.tsv"
+        benchmarks("baselines/soft-conf{threshold}.tsv")
     wildcard_constraints:
         threshold=r"\d+(\.\d+)?",
     params:
@@ -92,14 +92,14 @@ rule soft_confidence_exit:
 
 rule dlo:
     input:
-        model="results/models/dense",
+        model=results("models/dense"),
         data=FINETUNE_DATA,
     output:
-        directory("results/models/dlo-c{capacity}"),
+        directory(results("models/dlo-c{capacity}")),
     log:
-        "logs/baselines/dlo-c{capacity}.log",
+        logs("baselines/dlo-c{capacity}.log"),
     benchmark:
-        "benchmarks/baselines/dlo-c{capacity}.tsv"
+        benchmarks("baselines/dlo-c{capacity}.tsv")
     wildcard_constraints:
         capacity=r"0?\.\d+",
     params:

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # radial itself, also when not pip-installed
 from radial.settings import SCHEMA_PATH, describe_validation_error, find_validation_error
 from radial.eval_tasks import check_external_tasks
-from radial.hub import check_model_source, check_results_model
+from radial.hub import check_model_source, check_results_model, model_slug
 from radial.tracking import resolve_mode
 from radial.utils import RadialError
 from radial.variants import evaluation_variants, is_baseline_variant, knob_setting, soft_exits
@@ -32,6 +32,23 @@ except RadialError as err:
     raise WorkflowError(str(err)) from None
 EVAL_TASKS = config["evaluate"]["tasks"]
 PROJECT_DIR = Path(workflow.basedir)
+# Each model's results, logs and run-time benchmarks go under a folder of its own, named after it
+# (radial.hub.model_slug), so that another model never overwrites them; results/data (the benchmark
+# rows) and results/sweep (profile.models) serve every model.
+MODEL_SLUG = model_slug(config["model"]["name_or_path"])
+
+
+def results(path):
+    """`path` under this model's results folder: results("models/dense") -> results/<model>/models/dense."""
+    return f"results/{MODEL_SLUG}/{path}"
+
+
+def logs(path):
+    return f"logs/{MODEL_SLUG}/{path}"
+
+
+def benchmarks(path):
+    return f"benchmarks/{MODEL_SLUG}/{path}"
 
 
 wildcard_constraints:
@@ -66,10 +83,18 @@ try:
     MODEL_LAYERS = check_model_source(
         "model.name_or_path", config["model"]["name_or_path"], PROJECT_DIR, config["model"]["embedded"]["layers"]
     )
-    # Every result descends from results/models/dense: another model must not re-make them in place.
-    check_results_model(Path("results/models/dense"), config["model"]["name_or_path"], PROJECT_DIR)
+    # Two sources whose folder names coincide (../ckpt and ckpt) must not re-make each other's results.
+    check_results_model(Path("results", MODEL_SLUG), config["model"]["name_or_path"], PROJECT_DIR)
 except RadialError as err:
     raise WorkflowError(str(err)) from None
+OLD_LAYOUT = [name for name in ("models", "profile", "mcts", "train", "eval", "report") if Path("results", name).is_dir()]
+if Path("results/models/dense/radial_base.json").is_file() and MODEL_SLUG not in OLD_LAYOUT:
+    print(
+        f"radial: results/{{{','.join(OLD_LAYOUT)}}} hold a run from before per-model folders; this run writes "
+        f"results/{MODEL_SLUG}/. To count that run as done, move it there: "
+        f"mkdir -p results/{MODEL_SLUG} && mv {' '.join(f'results/{name}' for name in OLD_LAYOUT)} results/{MODEL_SLUG}/",
+        file=sys.stderr,
+    )
 too_deep = [k for k in config["baselines"]["shortgpt"]["k"] if MODEL_LAYERS is not None and k >= MODEL_LAYERS]
 if too_deep and "shortgpt" in config["evaluate"]["variants"]:
     raise WorkflowError(
@@ -145,7 +170,7 @@ def wandb_entity():
 def wandb_report_targets():
     """The wandb Report is built when runs go online and someone owns them; offline runs are synced first."""
     online = resolve_mode(config["wandb"]["mode"]) == "online"  # $WANDB_MODE overrides, as in every stage
-    return ["results/report/wandb_report.txt"] if online and wandb_entity() else []
+    return [results("report/wandb_report.txt")] if online and wandb_entity() else []
 
 
 def common_flags():
@@ -200,20 +225,15 @@ def calibration_file(wildcards, input):
 
 
 def depth_trend_targets():
-    return ["results/report/depth_trend"] if SWEEP_MODELS else []
+    return ["results/sweep/depth_trend"] if SWEEP_MODELS else []
 
 
 def variant_model(wildcards):
     if is_baseline_variant(wildcards.variant):
-        return f"results/models/{wildcards.variant}"
+        return results(f"models/{wildcards.variant}")
     knob = knob_setting(wildcards.variant)  # routers-b1: the routers' folder, evaluated at another skip bias
     trained = knob[0] if knob else wildcards.variant
-    return {
-        "dense": "results/models/dense",
-        "routers": "results/models/routers",
-        "radial": "results/models/radial",
-        "radial-reuse": "results/models/radial-reuse",
-    }[trained]
+    return results(f"models/{trained}")
 
 
 def knob_flags(wildcards):
@@ -238,7 +258,7 @@ def eval_task_flags():
 
 def mcts_stats_for_report(wildcards):
     """The report describes the MCTS labels when the routers trained on them are evaluated."""
-    return ["results/mcts/stats.json"] if "routers" in VARIANTS else []
+    return [results("mcts/stats.json")] if "routers" in VARIANTS else []
 
 
 def gpus(device):

@@ -4,17 +4,17 @@
 rule evaluate:
     input:
         model=variant_model,
-        reference="results/models/dense",
+        reference=results("models/dense"),
         data=expand("results/data/{task}", task=RADIAL_EVAL_TASKS),
     output:
-        expand("results/eval/{{variant}}/{task}.json", task=EVAL_TASKS),
+        expand(results("eval/{{variant}}/{task}.json"), task=EVAL_TASKS),
     log:
-        "logs/evaluate/{variant}.log",
+        logs("evaluate/{variant}.log"),
     benchmark:
-        "benchmarks/evaluate/{variant}.tsv"
+        benchmarks("evaluate/{variant}.tsv")
     params:
         tasks=" ".join(map(shlex.quote, EVAL_TASKS)),
-        out=lambda wildcards: shlex.quote(f"results/eval/{wildcards.variant}/{{task}}.json"),
+        out=lambda wildcards: shlex.quote(results(f"eval/{wildcards.variant}/{{task}}.json")),
         knob=knob_flags,
         task_flags=eval_task_flags(),
         # the evaluate section's other keys pick the jobs (variants, tasks, timing), not the stage's flags

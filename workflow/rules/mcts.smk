@@ -1,5 +1,5 @@
 # MCTS layer-path labels (Dr.LLM supervision), scattered over `mcts.shards` shards and gathered.
-# A shard checkpoints into results/mcts/progress/ (deliberately not a declared output, so a killed
+# A shard checkpoints into results/<model>/mcts/progress/ (deliberately not a declared output, so a killed
 # shard keeps its progress and resumes); its declared output is written once it is complete.
 # `snakemake --set-scatter mcts=N` overrides the number of shards.
 
@@ -10,17 +10,17 @@ scattergather:
 
 rule mcts_shard:
     input:
-        model="results/models/dense",
+        model=results("models/dense"),
         data=expand("results/data/{task}", task=config["mcts"]["tasks"]),
     output:
-        "results/mcts/shards/{scatteritem}.jsonl",
+        results("mcts/shards/{scatteritem}.jsonl"),
     log:
-        "logs/mcts/{scatteritem}.log",
+        logs("mcts/{scatteritem}.log"),
     benchmark:
-        "benchmarks/mcts/{scatteritem}.tsv"
+        benchmarks("mcts/{scatteritem}.tsv")
     params:
         shard=mcts_shard_flags,
-        progress="results/mcts/progress/{scatteritem}.jsonl",
+        progress=results("mcts/progress/{scatteritem}.jsonl"),
         flags=section_flags("mcts", exclude=["shards", "improved_share"]),
         common=common_flags(),
     threads: 1
@@ -36,19 +36,20 @@ rule mcts_shard:
 
 rule mcts:
     input:
-        gather.mcts("results/mcts/shards/{scatteritem}.jsonl"),
+        gather.mcts(results("mcts/shards/{scatteritem}.jsonl")),
     output:
-        labels="results/mcts/labels.jsonl",
-        stats="results/mcts/stats.json",
-        plot="results/mcts/layers_saved.png",
+        labels=results("mcts/labels.jsonl"),
+        stats=results("mcts/stats.json"),
+        plot=results("mcts/layers_saved.png"),
     log:
-        "logs/mcts/gather.log",
+        logs("mcts/gather.log"),
     benchmark:
-        "benchmarks/mcts/gather.tsv"
+        benchmarks("mcts/gather.tsv")
     params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.labels),
         label_set=cli_flags({"improved_share": config["mcts"]["improved_share"]}),
         common=common_flags(),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "python -m radial mcts gather {input} --out-dir results/mcts {params.label_set} {params.common} > {log} 2>&1"
+        "python -m radial mcts gather {input} --out-dir {params.out_dir} {params.label_set} {params.common} > {log} 2>&1"

@@ -1,13 +1,13 @@
 rule profile:
     input:
-        model="results/models/dense",
+        model=results("models/dense"),
         data=f"results/data/{config['profile']['task']}",
     output:
-        directory("results/profile"),
+        directory(results("profile")),
     log:
-        "logs/profile.log",
+        logs("profile.log"),
     benchmark:
-        "benchmarks/profile.tsv"
+        benchmarks("profile.tsv")
     params:
         calibration=calibration_file,
         flags=section_flags("profile", exclude=["task", "split", "models"]),
@@ -26,7 +26,7 @@ rule sweep_model:
     input:
         sweep_model_inputs,
     output:
-        directory("results/models/sweep/{name}"),
+        directory("results/sweep/models/{name}"),
     log:
         "logs/sweep/{name}/base_model.log",
     benchmark:
@@ -45,10 +45,10 @@ rule sweep_model:
 
 rule sweep_profile:
     input:
-        model="results/models/sweep/{name}",
+        model="results/sweep/models/{name}",
         data=f"results/data/{config['profile']['task']}",
     output:
-        directory("results/profile_sweep/{name}"),
+        directory("results/sweep/profiles/{name}"),
     log:
         "logs/sweep/{name}/profile.log",
     params:
@@ -66,11 +66,11 @@ rule sweep_profile:
 
 rule depth_trend:
     input:
-        expand("results/profile_sweep/{name}", name=SWEEP_MODELS),
+        expand("results/sweep/profiles/{name}", name=SWEEP_MODELS),
     output:
-        directory("results/report/depth_trend"),
+        directory("results/sweep/depth_trend"),
     log:
-        "logs/depth_trend.log",
+        "logs/sweep/depth_trend.log",
     params:
         common=common_flags(),
     conda:

@@ -1,5 +1,5 @@
 # Dr.LLM routers trained on the MCTS labels, base model frozen, on the DeepSpeed harness
-# (radial.training). Checkpoints go to results/train/routers/checkpoints/, deliberately not a
+# (radial.training). Checkpoints go to results/<model>/train/routers/checkpoints/, deliberately not a
 # declared output: a killed job keeps them, and its re-run resumes from the last one.
 # routers.gpus: 0 trains on CPU in one process, 1 on one GPU, N > 1 on N GPUs through the
 # `deepspeed` launcher (train_launcher in common.smk).
@@ -7,18 +7,18 @@
 
 rule routers:
     input:
-        model="results/models/dense",
-        labels="results/mcts/labels.jsonl",
+        model=results("models/dense"),
+        labels=results("mcts/labels.jsonl"),
         data=expand("results/data/{task}", task=config["mcts"]["tasks"]),
     output:
-        directory("results/models/routers"),
+        directory(results("models/routers")),
     log:
-        "logs/routers.log",
+        logs("routers.log"),
     benchmark:
-        "benchmarks/routers.tsv"
+        benchmarks("routers.tsv")
     params:
         launcher=train_launcher(config["routers"]["gpus"]),
-        checkpoints="results/train/routers/checkpoints",
+        checkpoints=results("train/routers/checkpoints"),
         flags=section_flags("routers", exclude=["gpus"]),
         common=common_flags(),
     threads: workflow.cores

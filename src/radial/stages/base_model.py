@@ -3,8 +3,9 @@
 Either way the stage writes one HF-format folder (config, safetensors weights, tokenizer) plus
 `radial_base.json`, so every later stage reads the same kind of thing:
 
-    python -m radial base-model --out results/base --name-or-path meta-llama/Llama-3.2-3B
-    python -m radial base-model --out results/base --data-dir results/data      # embedded default
+    python -m radial base-model --name-or-path meta-llama/Llama-3.2-3B \\
+        --out results/meta-llama--Llama-3.2-3B/models/dense
+    python -m radial base-model --out results/embedded/models/dense --data-dir results/data    # embedded default
 
 The embedded default is a deep, narrow Llama trained from scratch on CPU in minutes: a byte-level
 BPE tokenizer trained on the corpus (radial.corpus), then a plain AdamW loop (cosine schedule with

@@ -1,6 +1,7 @@
 """Distill stage: the sequential (dense) model into a token-routed radial student, under DeepSpeed ZeRO.
 
-    python -m radial distill --model results/models/dense --data-dir results/data --out results/models/radial
+    python -m radial distill --model results/embedded/models/dense --data-dir results/data \\
+        --out results/embedded/models/radial
 
 The student is the teacher's own layers plus a token router (`GateTokenRouter`: per layer a
 linear gate on the hidden state of each token; logit > 0 runs the layer for the token, otherwise

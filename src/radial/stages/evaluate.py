@@ -2,7 +2,7 @@
 
     python -m radial evaluate --model DIR --variant NAME --task TASK --data-dir DATA --out FILE.json
     python -m radial evaluate --model DIR --variant NAME --task arc_easy mmlu synthetic \
-        --limit 100 --limit-per-task mmlu=5 --data-dir DATA --out 'results/eval/NAME/{task}.json'
+        --limit 100 --limit-per-task mmlu=5 --data-dir DATA --out 'results/embedded/eval/NAME/{task}.json'
 
 Several tasks run one after the other in one process, on the model loaded once; each writes its
 own JSON (the `{task}` of --out), exactly as if evaluated alone (the seed is set again per task).

@@ -2,10 +2,10 @@
 
 Two steps, so Snakemake can scatter the examples over shards and gather the labels:
 
-    python -m radial mcts search --model results/models/dense --data-dir results/data \\
+    python -m radial mcts search --model results/embedded/models/dense --data-dir results/data \\
         --tasks synthetic --examples 200 --shard 0 --shards 2 \\
-        --progress results/mcts/progress/1-of-2.jsonl --out results/mcts/shards/1-of-2.jsonl
-    python -m radial mcts gather results/mcts/shards/*.jsonl --out-dir results/mcts
+        --progress results/embedded/mcts/progress/1-of-2.jsonl --out results/embedded/mcts/shards/1-of-2.jsonl
+    python -m radial mcts gather results/embedded/mcts/shards/*.jsonl --out-dir results/embedded/mcts
 
 `search` draws `--examples` rows per task from <data-dir>/<task>/train.jsonl (seeded), keeps
 every `--shards`-th one starting at `--shard`, and runs the search of radial.path_search on each

@@ -1,7 +1,7 @@
 """Routers stage: train Dr.LLM routers (arXiv 2510.12773) on MCTS path labels, the base model frozen.
 
-    python -m radial routers --model results/models/dense --labels results/mcts/labels.jsonl \\
-        --data-dir results/data --out results/models/routers
+    python -m radial routers --model results/embedded/models/dense --labels results/embedded/mcts/labels.jsonl \\
+        --data-dir results/data --out results/embedded/models/routers
 
 One router per layer, Linear(d, 128) -> GELU -> Linear(128, 3), over the hidden states entering
 the layer mean-pooled in 8 windows of the prompt, window logits averaged (`DrLLMRouter`).

@@ -1,7 +1,7 @@
 """DLO-style token skipping (Tan et al. 2024, "Dynamic Layer Operation", arXiv 2407.11030).
 
-    python -m radial dlo --model results/models/dense --data-dir results/data --capacity 0.25 \\
-        --out results/models/dlo-c0.25
+    python -m radial dlo --model results/embedded/models/dense --data-dir results/data --capacity 0.25 \\
+        --out results/embedded/models/dlo-c0.25
 
 Every layer gets a router, Linear(d, 1), on the hidden state of each token entering the layer.
 As in the authors' default (LLaMA-DLO's `LlamaDLOExAttnForCausalLM`), with `--skip mlp` every

@@ -1,7 +1,7 @@
 """ShortGPT static pruning (Men et al. 2024, arXiv 2403.03853): remove the k least influential layers.
 
-    python -m radial shortgpt --model results/models/dense --profile results/profile --k 4 \\
-        --out results/models/shortgpt-k4
+    python -m radial shortgpt --model results/embedded/models/dense --profile results/embedded/profile --k 4 \\
+        --out results/embedded/models/shortgpt-k4
 
 Block Influence is BI_i = 1 − E_tokens[cos(x_i, x_{i+1})], layer i's input against its output,
 averaged over the calibration tokens; the profile stage has it per layer (summary.json,

@@ -1,7 +1,7 @@
 """Sorted fine-tuning (SoFT; Kavehzadeh et al. 2023, arXiv 2309.08968): one model, nested sub-models.
 
-    python -m radial soft --model results/models/dense --data-dir results/data --exits 3 6 9 12 \\
-        --out results/models/soft
+    python -m radial soft --model results/embedded/models/dense --data-dir results/data --exits 3 6 9 12 \\
+        --out results/embedded/models/soft
 
 Sub-model n is the first n decoder layers followed by the model's own final norm and LM head, so
 all sub-models share every weight they have in common and there is no extra head. Fine-tuning

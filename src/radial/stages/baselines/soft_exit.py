@@ -1,7 +1,8 @@
 """SoFT evaluation variants over the one sorted-fine-tuned model (see radial.stages.baselines.soft).
 
-    python -m radial soft-exit --model results/models/soft --depth 6 --out results/models/soft-exit6
-    python -m radial soft-exit --model results/models/soft --threshold 0.9 --out results/models/soft-conf0.9
+    python -m radial soft-exit --model results/embedded/models/soft --depth 6 --out results/embedded/models/soft-exit6
+    python -m radial soft-exit --model results/embedded/models/soft --threshold 0.9 \\
+        --out results/embedded/models/soft-conf0.9
 
 --depth n: the sub-model of the first n layers, through the shared final norm and LM head (a
 routed model with the static path [0, ..., n-1]).
