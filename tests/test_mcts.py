@@ -464,7 +464,8 @@ def test_ctrl_c_in_a_search_is_one_line_and_the_search_resumes(tiny_llama_dir, s
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
-    assert "radial mcts: interrupted; no output was completed (run it again to resume where it can)" in stderr
+    message = "radial mcts: interrupted; no output was completed (run it again to resume where it can)"
+    assert message in stderr.replace("\r", "\n").splitlines(), stderr[-2000:]  # a line of its own, not after the bar
     assert not out.exists()
     done = len(progress.read_text().splitlines()) - 1
     resumed = subprocess.run(argv[:-2] + ["--progress", str(progress)], env=env, capture_output=True, text=True,

@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radial {stage}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Outputs are written atomically and training / MCTS resume from their checkpoints: say so, no traceback.
-        print(f"radial {stage}: interrupted; no output was completed (run it again to resume where it can)", file=sys.stderr)
+        # Outputs are written atomically and training / MCTS resume from their checkpoints: say so, no traceback
+        # (on a line of its own: a progress bar was most likely being drawn).
+        print(f"\nradial {stage}: interrupted; no output was completed (run it again to resume where it can)", file=sys.stderr)
         return 130
 
 
