@@ -240,6 +240,7 @@ def test_paired_timing_replays_the_first_batches_against_the_reference(task, tin
     assert len(timing["model_s"]) == len(timing["reference_s"]) == 6  # reference, model, model, reference per round
     assert timing["speedup"] == pytest.approx(sorted(timing["round_ratios"])[1])  # the median round
     assert timing["batches"] == 2 and 0 < timing["tokens"] < result["forward_tokens"]
+    assert 0 <= timing["padding_share"] < 1
     assert timing["decode_steps"] == (5 if task == "synthetic" else 0)
     assert all(seconds > 0 for seconds in timing["model_s"] + timing["reference_s"])
     assert timing["ideal_speedup"] is None  # only token-routed models get a FLOP count
@@ -461,6 +462,7 @@ def test_token_routed_model_runs_sparse_and_counts_real_tokens_at_any_batch_size
                         "--reference-model", str(tiny_llama_dir), "--timing-repeats", "1")  # fmt: skip
     assert batched["token_execution"] == "sparse (skip: layer)"
     assert 1.2 < batched["timing"]["ideal_speedup"] < 3.0  # about half of the layers' work left
+    assert 0 < batched["timing"]["padding_share"] < 0.5  # ARC's choices differ in length: a batch of 4 is padded
     assert batched["unmasked_loglikelihood_rows"] == 0
     assert batched["avg_executed_layers"] == pytest.approx(alone["avg_executed_layers"], abs=1e-6)
     assert 1.0 < batched["avg_executed_layers"] < 3.0

@@ -155,10 +155,11 @@ def test_report_compares_methods_with_a_pareto_plot(tmp_path):
 
 def test_token_routed_variants_show_their_realized_against_ideal_speedup(tmp_path):
     evaluations = []
-    for task, realized in (("arc_easy", 1.05), ("mmlu", 0.95)):
+    for task, realized, padding in (("arc_easy", 1.05, 0.196), ("mmlu", 0.95, 0.037)):
+        timing = {"speedup": realized, "ideal_speedup": 1.2, "padding_share": padding}
         evaluations += [
             _evaluation("dense", task, 0.3, 12, 10.0) | {"timing": {"speedup": 1.0, "ideal_speedup": None}},
-            _evaluation("dlo-c0.25", task, 0.3, 10, 9.0) | {"timing": {"speedup": realized, "ideal_speedup": 1.2}},
+            _evaluation("dlo-c0.25", task, 0.3, 10, 9.0) | {"timing": timing},
         ]
     out = tmp_path / "report"
     subprocess.run([sys.executable, "-m", "radial", "report", "--evaluations", *_write(tmp_path, evaluations),
@@ -168,7 +169,8 @@ def test_token_routed_variants_show_their_realized_against_ideal_speedup(tmp_pat
     assert pd.isna(table.ideal_speedup["dense", "mmlu"])
     report = (out / "report.md").read_text()
     assert "### Token routing: realized against ideal speedup" in report
-    assert "| dlo-c0.25 | 1.05× of 1.20× (25%) | 0.95× of 1.20× (-25%) |" in report
+    assert "| dlo-c0.25 | 1.05× of 1.20× (25%, 20% padding) | 0.95× of 1.20× (-25%) |" in report  # from 5 %
+    assert table.timed_padding_share["dlo-c0.25", "arc_easy"] == pytest.approx(0.196)
     assert "| dense |" not in report.split("### Token routing")[1].split("###")[0]
 
 

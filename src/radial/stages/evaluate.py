@@ -271,6 +271,14 @@ def load_model(model_dir: Path, device: str = "cpu"):
     return model, tokenizer
 
 
+def _padding_share(batches: list[dict]) -> float:
+    """The share of the batches' input positions that are padding (0 without attention masks)."""
+    positions = sum(int(batch["input_ids"].numel()) for batch in batches)
+    masks = [batch.get("attention_mask") for batch in batches]
+    real = sum(int(batch["input_ids"].numel()) if mask is None else int(mask.sum()) for batch, mask in zip(batches, masks))
+    return 1 - real / positions if positions else 0.0
+
+
 def task_spec(task: str, results: dict[str, Any]) -> TaskSpec:
     """radial's spec of one of its own tasks; for any other, the headline metric its lm-eval config names.
 
@@ -594,6 +602,9 @@ def paired_timing(
         "reference_s": seconds["reference"],
         "batches": len(batches),
         "tokens": sum(int(b["input_ids"].numel()) for b in batches),
+        # The dense reference computes these padding tokens; token routing drops them, and the ideal
+        # leaves them out on both sides: a padded batch's speedup holds a saving no router decided.
+        "padding_share": _padding_share(batches),
         "decode_steps": args.timing_decode_steps if generates else 0,
         "repeats": rounds,
         # The machine's 1-minute load average before and after the rounds, against this process's threads:

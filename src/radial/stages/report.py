@@ -34,6 +34,7 @@ TABLE_COLUMNS = [
     "speedup_vs_dense",
     "speedup_measured",
     "ideal_speedup",
+    "timed_padding_share",
     "timing_contended",
     "n_examples",
 ]
@@ -87,10 +88,11 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for e in evaluations:
-        derived = ("speedup_vs_dense", "speedup_measured", "ideal_speedup", "timing_contended")
+        derived = ("speedup_vs_dense", "speedup_measured", "ideal_speedup", "timed_padding_share", "timing_contended")
         row = {c: e.get(c) for c in TABLE_COLUMNS if c not in derived}
         row["paired_speedup"] = (e.get("timing") or {}).get("speedup")
         row["ideal_speedup"] = (e.get("timing") or {}).get("ideal_speedup")
+        row["timed_padding_share"] = (e.get("timing") or {}).get("padding_share")
         row["timing_contended"] = (e.get("timing") or {}).get("contended")
         rows.append(row)
     table = pd.DataFrame(rows)
