@@ -271,14 +271,6 @@ def load_model(model_dir: Path, device: str = "cpu"):
     return model, tokenizer
 
 
-def _padding_share(batches: list[dict]) -> float:
-    """The share of the batches' input positions that are padding (0 without attention masks)."""
-    positions = sum(int(batch["input_ids"].numel()) for batch in batches)
-    masks = [batch.get("attention_mask") for batch in batches]
-    real = sum(int(batch["input_ids"].numel()) if mask is None else int(mask.sum()) for batch, mask in zip(batches, masks))
-    return 1 - real / positions if positions else 0.0
-
-
 def task_spec(task: str, results: dict[str, Any]) -> TaskSpec:
     """radial's spec of one of its own tasks; for any other, the headline metric its lm-eval config names.
 
@@ -591,6 +583,9 @@ def paired_timing(
             rounds += 1
     pairs = list(zip(seconds["reference"][0::2], seconds["reference"][1::2], seconds["model"][0::2], seconds["model"][1::2]))
     round_ratios = [(r1 + r2) / (m1 + m2) for r1, r2, m1, m2 in pairs]
+    positions = sum(int(batch["input_ids"].numel()) for batch in batches)
+    masks = [batch["attention_mask"] for batch in batches if batch.get("attention_mask") is not None]
+    padding = sum(int((mask == 0).sum()) for mask in masks)
     return {
         "reference": str(args.reference_model),
         "speedup": statistics.median(round_ratios),
@@ -601,10 +596,10 @@ def paired_timing(
         "model_s": seconds["model"],
         "reference_s": seconds["reference"],
         "batches": len(batches),
-        "tokens": sum(int(b["input_ids"].numel()) for b in batches),
+        "tokens": positions,
         # The dense reference computes these padding tokens; token routing drops them, and the ideal
         # leaves them out on both sides: a padded batch's speedup holds a saving no router decided.
-        "padding_share": _padding_share(batches),
+        "padding_share": padding / positions,
         "decode_steps": args.timing_decode_steps if generates else 0,
         "repeats": rounds,
         # The machine's 1-minute load average before and after the rounds, against this process's threads:
