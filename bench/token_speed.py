@@ -1,6 +1,7 @@
 """Token-level routing speed: does computing only the running tokens really save wall-clock time?
 
     python bench/token_speed.py [--repeats 7] [--threads N] [--stat median|min] [--skip layer|mlp]
+                                [--device cpu|cuda] [--dtype float32|bfloat16] [--models embedded,wide]
 
 For two random-weight Llama shapes (the embedded default read from config.yaml `model.embedded`,
 and a wide one: 6 layers, hidden 768, as in bench/routed_speed.py) we time the base Hugging Face
@@ -27,6 +28,12 @@ the wide prefill cells (the target is >= 0.8); then every cell's ratio. What bou
 - decoding at batch 8 reads every weight matrix once per step whichever rows use it (wide), or is
   dominated by per-operation overhead (embedded: 128-wide matrices), so its time barely follows
   the FLOPs and gathering the running rows does not pay back.
+
+Before timing, each routed model's prefill logits are compared with the reference path's (every
+token computed, then selected) on the same gates: the `max|diff|` column, relative to the logits'
+largest magnitude. On a GPU (`--device cuda`, clocks read after a synchronize) `--models` can add
+`llama-3.2-3b` (its shape, random weights, 28 layers, hidden 3072), where the matrices are large
+enough for the GPU's time to follow the FLOPs rather than kernel launches.
 
 Timings on a shared CPU are noisy; with more torch threads than idle cores they get much worse.
 """
@@ -78,6 +85,7 @@ def model_specs() -> list[ModelSpec]:
             vocab=embedded["vocab_size"],
         ),
         ModelSpec("wide", num_layers=6, hidden=768, heads=12, kv_heads=4, intermediate=2048),
+        ModelSpec("llama-3.2-3b", num_layers=28, hidden=3072, heads=24, kv_heads=8, intermediate=8192, vocab=128256),
     ]
 
 
@@ -94,9 +102,10 @@ def build_config(spec: ModelSpec) -> LlamaConfig:
     )
 
 
-def build(spec: ModelSpec) -> LlamaForCausalLM:
+def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(build_config(spec)).eval()
+    with torch.device(device):  # initialized where it runs: a 3B model's init on CPU takes minutes
+        return LlamaForCausalLM(build_config(spec)).to(dtype).eval()
 
 
 class SeededGates(TokenRouter):
@@ -117,7 +126,8 @@ class SeededGates(TokenRouter):
 
     def forward(self, layer_idx, hidden_states, attention_mask):
         end = attention_mask.shape[1]
-        return self.runs(layer_idx, slice(end - hidden_states.shape[1], end)).float() - 0.5
+        runs = self.runs(layer_idx, slice(end - hidden_states.shape[1], end))
+        return runs.to(hidden_states.device, hidden_states.dtype) - 0.5
 
 
 def ideal_speedup(
@@ -140,30 +150,46 @@ def ideal_speedup(
     return flops.ideal_speedup(shape, forwards, skip)
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def time_prefill(model, ids: torch.Tensor) -> tuple[float, object]:
     mask = torch.ones_like(ids)
-    start = time.perf_counter()
+    start = clock(ids.device)
     out = model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start, out
+    return clock(ids.device) - start, out
 
 
 def time_decode(model, out, prompt_len: int, steps: int) -> float:
     cache = out.past_key_values
     token = out.logits[:, -1:].argmax(-1)
-    batch = token.shape[0]
-    start = time.perf_counter()
+    batch, device = token.shape[0], token.device
+    start = clock(device)
     for step in range(steps):
-        mask = torch.ones(batch, prompt_len + step + 1, dtype=torch.long)
+        mask = torch.ones(batch, prompt_len + step + 1, dtype=torch.long, device=device)
         out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         token = out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 @torch.inference_mode()
-def measure(models: dict, batch: int, phases: list[str], decode_steps: int, repeats: int, stat) -> dict:
+def sparse_error(routed: RoutedForCausalLM, ids: torch.Tensor) -> float:
+    """Largest |sparse - reference| over the prompt's logits, relative to the reference's largest |logit|."""
+    mask = torch.ones_like(ids)
+    sparse = routed(ids, attention_mask=mask).logits.float()
+    with routed.token_execution_mode("reference"):
+        reference = routed(ids, attention_mask=mask).logits.float()
+    return float((sparse - reference).abs().max() / reference.abs().max())
+
+
+@torch.inference_mode()
+def measure(models: dict, ids: torch.Tensor, phases: list[str], decode_steps: int, repeats: int, stat) -> dict:
     """Seconds per (phase, model name), summarized over repeats; models alternate within each repeat."""
-    ids = torch.randint(3, VOCAB, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
     samples = {(phase, name): [] for phase in phases for name in models}
     for repeat in range(repeats + 1):  # the first round is warm-up
         for name, model in models.items():
@@ -191,19 +217,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip", choices=["layer", "mlp"], default="layer", help="what a gate skips: the layer, or its MLP only (DLO)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--models", default="embedded,wide", help="comma-separated, of: embedded, wide, llama-3.2-3b (GPU-sized)"
+    )
     args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    specs = {spec.name: spec for spec in model_specs()}
+    unknown = [name for name in args.models.split(",") if name not in specs]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(specs)})")
     torch.set_num_threads(args.threads)
     stat = statistics.median if args.stat == "median" else min
 
     header = (
         f"{'model':9} {'phase':8} {'batch':>5} {'run':>5} {'dense ms':>9} {'sparse ms':>10}"
-        f" {'realized':>9} {'ideal':>6} {'ratio':>6}"
+        f" {'realized':>9} {'ideal':>6} {'ratio':>6} {'max|diff|':>9}"
     )
     print(header)
     print("-" * len(header))
     figures: dict[str, float] = {}
-    for spec in model_specs():
-        base = build(spec)
+    errors: dict[str, float] = {}
+    for spec in (specs[name] for name in args.models.split(",")):
+        base = build(spec, device, dtype)
         for batch in sorted({b for _, b in CELLS}):
             phases = [phase for phase, b in CELLS if b == batch]
             gates = {f: SeededGates(spec.num_layers, batch, f, seed=batch) for f in FRACTIONS}
@@ -213,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 if routed.token_execution != "sparse":
                     raise SystemExit(f"token routing is not sparse here: {routed.token_execution}")
                 models[fraction] = routed
-            seconds = measure(models, batch, phases, args.decode_steps, args.repeats, stat)
+            ids = torch.randint(3, spec.vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+            ids = ids.to(device)
+            error = {fraction: sparse_error(models[fraction], ids) for fraction in FRACTIONS}
+            seconds = measure(models, ids, phases, args.decode_steps, args.repeats, stat)
             for phase in phases:
                 for fraction in FRACTIONS:
                     dense_s, sparse_s = seconds[(phase, "dense")], seconds[(phase, fraction)]
@@ -222,16 +262,21 @@ def main(argv: list[str] | None = None) -> int:
                     ratio = realized / ideal
                     print(
                         f"{spec.name:9} {phase:8} {batch:5d} {fraction:5.2f} {dense_s * 1e3:9.1f}"
-                        f" {sparse_s * 1e3:10.1f} {realized:8.2f}x {ideal:5.2f}x {ratio:6.2f}",
+                        f" {sparse_s * 1e3:10.1f} {realized:8.2f}x {ideal:5.2f}x {ratio:6.2f}"
+                        f" {error[fraction]:9.1e}",
                         flush=True,
                     )
                     figures[f"{spec.name}_{phase}_b{batch}_f{fraction}"] = round(ratio, 3)
-    worst_wide_prefill = min(value for key, value in figures.items() if key.startswith("wide_prefill"))
+            errors |= {f"{spec.name}_b{batch}_f{fraction}": value for fraction, value in error.items()}
+        del base, models
+    wide_prefill = [value for key, value in figures.items() if "_prefill_" in key and not key.startswith("embedded")]
+    worst_wide_prefill = min(wide_prefill) if wide_prefill else float("nan")
     print(
         f"token_realized_over_ideal={worst_wide_prefill:.3f} "
         + " ".join(f"{key}={value}" for key, value in figures.items())
         + f" threads={args.threads} repeats={args.repeats} stat={args.stat} decode_steps={args.decode_steps}"
-        + f" skip={args.skip}"
+        + f" skip={args.skip} device={args.device} dtype={args.dtype}"
+        + f" worst_relative_logit_error={max(errors.values()):.1e}"
     )
     return 0
 

@@ -206,30 +206,35 @@ def test_query_blocks_against_fewer_keys_equal_the_reference(base, padding, monk
     up to its last column: the same logits as the reference, and generations with and without the cache."""
     monkeypatch.setattr(sparse_module, "MIN_BLOCK_COLUMNS", 4)
     routed = token_routed(base, fraction=0.5)
-    ids, mask = left_padded((19, 9, 14), seed=21)
+    lengths = (19, 9, 14)
+    ids, mask = left_padded(lengths, seed=21)
     if padding == "right":
         ids, mask = ids.flip(1), mask.flip(1)
     calls = []
-    original = TokenBatch.query_blocks
+    original = TokenBatch.query_layout
 
     def recording(self, running, keys):
-        calls.append((self.seq_len, running.count, keys, original(self, running, keys)))
+        calls.append((self.seq_len, running.tokens.clone(), keys, original(self, running, keys)))
         return calls[-1][-1]
 
-    monkeypatch.setattr(TokenBatch, "query_blocks", recording)
+    monkeypatch.setattr(TokenBatch, "query_layout", recording)
     with torch.no_grad():
         sparse = routed(ids, attention_mask=mask).logits
         with reference_of(routed):
             reference = routed(ids, attention_mask=mask).logits
     assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
-    prefill = [(count, keys, blocks) for seq, count, keys, blocks in calls if seq == ids.shape[1] and len(blocks) > 1]
+    seq = ids.shape[1]
+    prefill = [(tokens, keys, layout) for s, tokens, keys, layout in calls if s == seq and len(layout.blocks) > 1]
     assert prefill, "no layer was attended in blocks"
-    for count, keys, blocks in prefill:
-        key_ends = [block.key_end for block in blocks]
+    for tokens, keys, layout in prefill:
+        key_ends = [key_end for _, _, key_end in layout.blocks]
         assert key_ends == sorted(key_ends) and key_ends[-1] <= keys
         assert key_ends[0] < keys  # the first block reads fewer keys
-        members = torch.cat([block.members for block in blocks])
-        assert sorted(members.tolist()) == list(range(count))  # every running token attends exactly once
+        assert layout.slots.unique().numel() == tokens.numel()  # every running token attends exactly once
+        assert torch.equal(layout.sources.index_select(0, layout.slots), tokens)  # with its own mask row
+        for first, width, key_end in layout.blocks:  # ... in a block that reads its own key
+            inside = (layout.slots >= first) & (layout.slots < first + len(lengths) * width)
+            assert (tokens[inside] % seq < key_end - (keys - seq)).all()
     if padding == "left":  # generation continues after the last real token
         with torch.no_grad():
             cached = greedy(routed, ids, mask)

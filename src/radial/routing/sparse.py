@@ -15,10 +15,11 @@ so that what a token skips is not computed:
   gathered from batch x sequence into one packed set, pay the query projection, attention, output
   projection and MLP; the results are scattered back. For attention the packed queries are laid out
   per example (padded to the largest running count), each with its own row of the model's 4-D mask
-  (additive, built once per forward), in blocks of the sequence's columns: a block's queries read
-  only the keys up to its last column (an explicit mask forgoes the causal kernel's skipped upper
-  triangle, which would otherwise make packed attention dearer than dense). Without a cache, a
-  layer no token runs computes nothing at all.
+  (additive, built once per forward), in blocks of the sequence's columns laid out together in one
+  grid (a few operations per layer for all blocks): a block's queries read only the keys up to its
+  last column (an explicit mask forgoes the causal kernel's skipped upper triangle, which would
+  otherwise make packed attention dearer than dense). Without a cache, a layer no token runs
+  computes nothing at all.
 - skip="mlp": the stock attention module runs for every token; the post-attention norm and the MLP
   only for the gathered running tokens.
 
@@ -149,21 +150,19 @@ class RunningTokens:
 
 
 @dataclass
-class QueryBlock:
-    """One attention call over packed queries: running tokens laid out per example in a
-    [batch, width] grid of query slots, attending to keys [0, key_end).
+class QueryLayout:
+    """Where the running tokens' queries sit for attention: one flat grid of query slots holding
+    every column block in turn; block b is a [batch, width_b] grid (each example's running tokens of
+    the block's columns in order, then unused slots) attending to keys [0, key_end_b).
 
-    `members` index the running tokens (0 .. count-1) in this block (None: all of them, in order).
-    Member i sits at slot `slots[i]` of the flattened grid (None: slot i, every example filling
-    `width` slots). Slot j uses the mask row of flat token `sources[j]`; a slot no token fills
-    borrows a real token's row and its result is dropped.
+    Running token i sits at slot `slots[i]`; slot j uses the mask row of flat token `sources[j]`
+    (an unused slot borrows a real token's row of its example, and its result is dropped).
+    `blocks` lists (first slot, width, key_end) per block.
     """
 
-    members: torch.Tensor | None
-    slots: torch.Tensor | None
+    slots: torch.Tensor
     sources: torch.Tensor
-    width: int
-    key_end: int
+    blocks: list[tuple[int, int, int]]
 
 
 class TokenBatch:
@@ -194,6 +193,7 @@ class TokenBatch:
         self.position_embeddings = position_embeddings
         self._mask_rows: dict[str, torch.Tensor] = {}
         self._rotary_rows: dict[str, torch.Tensor] = {}
+        self._block_cuts: dict[int, torch.Tensor] = {}
 
     def running(self, run: torch.Tensor) -> RunningTokens:
         """Gather indices for the real tokens among `run` [batch, seq] (True: the token runs the layer)."""
@@ -221,41 +221,48 @@ class TokenBatch:
             self._mask_rows[layer_type] = rows
         return self._mask_rows[layer_type]
 
-    def query_blocks(self, running: RunningTokens, keys: int) -> list[QueryBlock]:
+    def query_layout(self, running: RunningTokens, keys: int) -> QueryLayout:
         """The attention calls for `running`'s queries, against `keys` keys (cached ones first).
 
         The sequence's columns are cut into blocks; a block's running tokens attend to the keys up
         to its last column (a causal LM's token sees no later key), so the calls cover a staircase
-        under the causal triangle instead of the whole rectangle.
+        under the causal triangle instead of the whole rectangle. Computed for all blocks at once:
+        a handful of operations per layer, whatever the number of blocks.
         """
-        seq = self.seq_len
-        count = min(MAX_QUERY_BLOCKS, seq // MIN_BLOCK_COLUMNS) or 1
-        if count == 1:
-            return [self._block(running.tokens, None, keys)]
-        keys_before = keys - seq
-        boundaries = [seq * block // count for block in range(count + 1)]
-        block_of = torch.bucketize(
-            torch.remainder(running.tokens, seq), torch.tensor(boundaries[1:-1], device=running.tokens.device), right=True
-        )
-        blocks = []
-        for block, end in enumerate(boundaries[1:]):
-            members = (block_of == block).nonzero().squeeze(1)
-            if members.numel():
-                blocks.append(self._block(running.tokens.index_select(0, members), members, keys_before + end))
-        return blocks
-
-    def _block(self, tokens: torch.Tensor, members: torch.Tensor | None, key_end: int) -> QueryBlock:
-        """The [batch, width] slot layout of `tokens` (flat, row-major), each example's in order."""
         batch, seq = self.batch_size, self.seq_len
+        count = min(MAX_QUERY_BLOCKS, seq // MIN_BLOCK_COLUMNS) or 1
+        tokens = running.tokens
         examples = torch.div(tokens, seq, rounding_mode="floor")
-        counts = torch.bincount(examples, minlength=batch)
-        width = int(counts.max())
-        if tokens.numel() == batch * width:
-            return QueryBlock(members, None, tokens, width, key_end)
-        first = torch.cumsum(counts, 0) - counts
-        slots = examples * width + torch.arange(tokens.numel(), device=tokens.device) - first.index_select(0, examples)
-        sources = self.fallback_sources.repeat_interleave(width).index_copy(0, slots, tokens)
-        return QueryBlock(members, slots, sources, width, key_end)
+        columns = tokens - examples * seq
+        block_of = torch.bucketize(columns, self._cuts(count), right=True) if count > 1 else torch.zeros_like(tokens)
+        # Sorted flat tokens run example by example, columns ascending: each (example, block) group is
+        # a contiguous run, whose members take slots 0, 1, ... of that example's row in that block.
+        group = examples * count + block_of
+        sizes = torch.bincount(group, minlength=batch * count)
+        group_starts = torch.cumsum(sizes, 0) - sizes
+        rank = torch.arange(tokens.numel(), device=tokens.device) - group_starts.index_select(0, group)
+        widths_per_block = sizes.view(batch, count).amax(0)
+        widths = widths_per_block.tolist()
+        firsts = torch.cumsum(widths_per_block * batch, 0) - widths_per_block * batch
+        slots = firsts.index_select(0, block_of) + examples * widths_per_block.index_select(0, block_of) + rank
+        slot_examples = torch.arange(batch, device=tokens.device).repeat(count).repeat_interleave(
+            widths_per_block.repeat_interleave(batch)
+        )
+        sources = self.fallback_sources.index_select(0, slot_examples).index_copy(0, slots, tokens)
+        keys_before = keys - seq
+        blocks, first = [], 0
+        for block, width in enumerate(widths):
+            if width:
+                blocks.append((first, width, keys_before + seq * (block + 1) // count))
+            first += batch * width
+        return QueryLayout(slots, sources, blocks)
+
+    def _cuts(self, count: int) -> torch.Tensor:
+        """The columns where blocks 1 .. count-1 start (for bucketize), made once per forward."""
+        if count not in self._block_cuts:
+            cuts = [self.seq_len * block // count for block in range(1, count)]
+            self._block_cuts[count] = torch.tensor(cuts, device=self.fallback_sources.device)
+        return self._block_cuts[count]
 
     def rotary_rows(self, layer_type: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of the layer type's rotary table at the given flat tokens, [tokens, head_dim] each."""
@@ -354,27 +361,19 @@ def run_layer_on_tokens(
         queries = attention.q_norm(queries)
     queries = _rotate(attention, queries, cos, sin)[: running.count]
     mask_rows = batch.mask_rows(layer_type, queries.dtype)
-    attended = None
-    for block in batch.query_blocks(running, keys.shape[2]):
-        block_queries = queries if block.members is None else queries.index_select(0, block.members)
-        if block.slots is not None:
-            grid = block_queries.new_zeros(batch_size * block.width, *block_queries.shape[1:])
-            block_queries = grid.index_copy(0, block.slots, block_queries)
-        block_queries = block_queries.view(batch_size, block.width, *queries.shape[1:]).transpose(1, 2)
-        mask = mask_rows[:, : block.key_end].index_select(0, block.sources)
-        mask = mask.view(batch_size, 1, block.width, block.key_end)
+    layout = batch.query_layout(running, keys.shape[2])
+    grid = queries.new_zeros(layout.sources.numel(), *queries.shape[1:]).index_copy_(0, layout.slots, queries)
+    masks = mask_rows.index_select(0, layout.sources)
+    outs = []
+    for first, width, key_end in layout.blocks:
+        slots = slice(first, first + batch_size * width)
+        block_queries = grid[slots].view(batch_size, width, *queries.shape[1:]).transpose(1, 2)
+        mask = masks[slots, :key_end].view(batch_size, 1, width, key_end)
         if visitors is not None:
-            mask = restrict_keys(mask, visitors[:, -mask_rows.shape[1] :][:, : block.key_end], batch_size)
-        out = _attend(attention, block_queries, keys[:, :, : block.key_end], values[:, :, : block.key_end], mask, **kwargs)
-        out = out.reshape(batch_size * block.width, -1)  # [batch x slots, heads x head_dim]
-        if block.slots is not None:
-            out = out.index_select(0, block.slots)
-        if block.members is None:
-            attended = out
-        else:
-            if attended is None:
-                attended = out.new_empty(running.count, out.shape[1])
-            attended.index_copy_(0, block.members, out)
+            mask = restrict_keys(mask, visitors[:, -mask_rows.shape[1] :][:, :key_end], batch_size)
+        out = _attend(attention, block_queries, keys[:, :, :key_end], values[:, :, :key_end], mask, **kwargs)
+        outs.append(out.reshape(batch_size * width, -1))  # [batch x slots, heads x head_dim]
+    attended = (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, layout.slots)
     padding = running.rows.numel() - running.count
     if padding:
         attended = torch.cat([attended, attended[:1].expand(padding, -1)])
@@ -424,13 +423,14 @@ def run_mlp_on_tokens(
     layer: nn.Module, mid: torch.Tensor, running: RunningTokens, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """skip="mlp": the MLP branch for the `running` tokens only (the others keep `mid`); `scale`
-    ([batch, seq, 1], DLO's score) multiplies what the branch adds, on the running rows alone."""
+    ([batch, seq, 1], DLO's score) multiplies what the branch adds, on the running rows alone.
+    `mid` (the layer's own intermediate) is updated in place and returned: no copy of the batch."""
     flat = mid.reshape(-1, mid.shape[-1])
     rows = flat.index_select(0, running.rows)
     added = mlp_branch(layer, rows)
     if scale is not None:
         added = (scale.reshape(-1, 1).index_select(0, running.rows) * added.float()).to(added.dtype)
-    return flat.index_copy(0, running.tokens, (rows + added)[: running.count]).view_as(mid)
+    return flat.index_copy_(0, running.tokens, (rows + added)[: running.count]).view_as(mid)
 
 
 def _rotate(attention: nn.Module, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -467,7 +467,7 @@ def _attend(attention: nn.Module, queries, keys, values, mask, **kwargs: Any) ->
 __all__ = [
     "DENSE_MASK_ATTENTION",
     "TOKEN_SKIPS",
-    "QueryBlock",
+    "QueryLayout",
     "RunningTokens",
     "SparseFallbackWarning",
     "TokenBatch",
