@@ -21,7 +21,8 @@ default granularity) every token runs the attention and the gates pick who runs 
 then counts only the MLP as saved.
 
 The last line is `key=value` figures: `token_realized_over_ideal` is the worst realized/ideal over
-the wide prefill cells (the target is >= 0.8); then every cell's ratio. What bounds the ratios:
+the prefill cells of the shapes other than the embedded one (the target is >= 0.8); then every
+cell's ratio. What bounds the ratios:
 - a projection over half the rows does not take half the time (here a 768x2048 one costs ~16% more
   per row at 61 rows than at 128), so the wide batch-1 prefill at 0.5 stays near 0.85 even for a
   plain dense forward over the same number of tokens;
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     stat = statistics.median if args.stat == "median" else min
 
     header = (
-        f"{'model':9} {'phase':8} {'batch':>5} {'run':>5} {'dense ms':>9} {'sparse ms':>10}"
+        f"{'model':12} {'phase':8} {'batch':>5} {'run':>5} {'dense ms':>9} {'sparse ms':>10}"
         f" {'realized':>9} {'ideal':>6} {'ratio':>6} {'max|diff|':>9}"
     )
     print(header)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     ideal = ideal_speedup(spec, gates[fraction], phase, batch, args.decode_steps, args.skip)
                     ratio = realized / ideal
                     print(
-                        f"{spec.name:9} {phase:8} {batch:5d} {fraction:5.2f} {dense_s * 1e3:9.1f}"
+                        f"{spec.name:12} {phase:8} {batch:5d} {fraction:5.2f} {dense_s * 1e3:9.1f}"
                         f" {sparse_s * 1e3:10.1f} {realized:8.2f}x {ideal:5.2f}x {ratio:6.2f}"
                         f" {error[fraction]:9.1e}",
                         flush=True,
