@@ -38,6 +38,13 @@ TABLE_COLUMNS = [
     "timing_contended",
     "n_examples",
 ]
+# Table columns read from an evaluation's paired timing (its "timing" record), by their key there.
+FROM_TIMING = {
+    "paired_speedup": "speedup",
+    "ideal_speedup": "ideal_speedup",
+    "timed_padding_share": "padding_share",
+    "timing_contended": "contended",
+}
 REQUIRED_FIELDS = (
     "variant",
     "task",
@@ -88,13 +95,9 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for e in evaluations:
-        derived = ("speedup_vs_dense", "speedup_measured", "ideal_speedup", "timed_padding_share", "timing_contended")
-        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in derived}
-        row["paired_speedup"] = (e.get("timing") or {}).get("speedup")
-        row["ideal_speedup"] = (e.get("timing") or {}).get("ideal_speedup")
-        row["timed_padding_share"] = (e.get("timing") or {}).get("padding_share")
-        row["timing_contended"] = (e.get("timing") or {}).get("contended")
-        rows.append(row)
+        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured", *FROM_TIMING)}
+        timing = e.get("timing") or {}
+        rows.append(row | {column: timing.get(key) for column, key in FROM_TIMING.items()})
     table = pd.DataFrame(rows)
     throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)
     dense_throughput = dict(zip(table.task[table.variant == "dense"], throughput[table.variant == "dense"]))
