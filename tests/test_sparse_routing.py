@@ -244,6 +244,49 @@ def test_query_blocks_against_fewer_keys_equal_the_reference(base, padding, monk
         assert torch.equal(cached, uncached) and torch.equal(cached, reference_generation)
 
 
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_most_positions_running_attend_in_place_only_where_no_mask_is_needed(base, padding, monkeypatch):
+    """Where most positions run a layer and the stock layer needs no mask (nothing cached, padding
+    only on the right), the running queries attend at their own positions through the causal kernel;
+    only they go through the query and output projections and the MLP, and the logits equal the
+    reference's. Left padding needs the mask: the same gates attend packed."""
+    routed = token_routed(base, fraction=0.9)
+    ids, mask = left_padded((12, 12, 12) if padding == "none" else (12, 11, 12), seed=5)
+    if padding == "right":
+        ids, mask = ids.flip(1), mask.flip(1)
+    ways = []
+    for name in ("_attend_in_place", "_attend_packed"):
+        original = getattr(sparse_module, name)
+
+        def recording(*args, name=name, original=original, **kwargs):
+            ways.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(sparse_module, name, recording)
+    with torch.no_grad():
+        routed(ids, attention_mask=mask)  # the one-time decomposition probe
+        ways.clear()
+        counter = RowCounter(routed)
+        sparse = routed(ids, attention_mask=mask).logits
+        counter.remove()
+        with reference_of(routed):
+            reference = routed(ids, attention_mask=mask).logits
+    assert (sparse - reference)[mask.bool()].abs().max().item() <= 1e-4
+    real = int(mask.sum())
+    running = running_per_layer(routed.router, mask)
+    # A layer every real token runs is the stock call (every position), unless left padding needs the mask.
+    stock_calls = sum(n == real and padding != "left" for n in running)
+    sparse_counts = [n for n in running if n and (n < real or padding == "left")]
+    in_place = [n >= sparse_module.IN_PLACE_MIN_SHARE * ids.numel() for n in sparse_counts]
+    if padding == "left":
+        assert ways == ["_attend_packed"] * len(sparse_counts)
+    else:
+        assert any(in_place), "no layer had enough positions running to attend in place"
+        assert ways.count("_attend_in_place") == sum(in_place) and len(ways) == len(sparse_counts)
+    computed = sum(packed_rows(n) for n in sparse_counts) + stock_calls * ids.numel()
+    assert counter.rows["q_proj"] == counter.rows["o_proj"] == computed
+
+
 def test_a_layer_every_real_token_runs_is_the_stock_call_on_a_right_padded_batch():
     """Right padding and nothing cached: a layer that all real tokens run goes through the stock
     layer (sdpa's causal kernel, padding computed and ignored) instead of packing the padding out."""

@@ -540,7 +540,8 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         """Run the sparse driver on a few random tokens against the stock layer; a mismatch, described, or None.
 
         Two rows with different running tokens (so the packed queries need padding), keys and values
-        included: the parts the driver found must compose into exactly the layer's own forward.
+        included, then (where the stock layer takes no mask here) most positions running, attended
+        in place: the parts the driver found must compose into exactly the layer's own forward.
         """
         layer, layer_type, skip = self.parts.layers[index], self.layer_types[index], self.config.token_skip
         weight = next(layer.parameters())
@@ -565,6 +566,13 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
                 batch = TokenBatch(hidden, None, masks, rotary)
                 got = run_layer_on_tokens(layer, hidden, batch.running(run), batch, layer_type, sparse_cache)
                 expected = torch.where(run.unsqueeze(-1), full, hidden)
+                stock_masks = attention_masks(self.text_config, {layer_type}, hidden, None, None, position_ids)
+                if stock_masks[layer_type] is None:  # most positions running, no mask: attended in place
+                    most = steps.expand(2, seq) != 2
+                    batch = TokenBatch(hidden, None, masks, rotary, stock_masks)
+                    in_place = run_layer_on_tokens(layer, hidden, batch.running(most), batch, layer_type, None)
+                    got = torch.cat([got, in_place])
+                    expected = torch.cat([expected, torch.where(most.unsqueeze(-1), full, hidden)])
             else:
                 mid = attention_residual(layer, hidden, mask=mask, past_key_values=sparse_cache, **common)
                 got, expected = mlp_residual(layer, mid), full
@@ -802,7 +810,9 @@ class RoutedForCausalLM(PreTrainedModel, GenerationMixin):
         """
         batch = None
         if sparse_reasons is not None and all(step.rows is None for step in steps):
-            batch = TokenBatch(hidden, attention_mask, inputs.packed_masks or inputs.masks, inputs.position_embeddings)
+            batch = TokenBatch(
+                hidden, attention_mask, inputs.packed_masks or inputs.masks, inputs.position_embeddings, inputs.masks
+            )
         executed_tokens = None
         for index, step in enumerate(steps):
             view = self._step_view(cache, index, step.to(hidden.device))
