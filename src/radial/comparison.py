@@ -362,8 +362,8 @@ def sparse_execution_table(table: pd.DataFrame) -> pd.DataFrame:
     `share_of_ideal` is the part of the ideal gain realized, (speedup - 1) / (ideal - 1): 1 for an
     execution as efficient as the FLOP count, 0 for no gain, negative for a slowdown.
     """
-    columns = ["variant", "task", "avg_executed_layers", "speedup_vs_dense", "ideal_speedup", "share_of_ideal",
-               "timed_padding_share"]  # fmt: skip
+    columns = ["variant", "task", "avg_executed_layers", "speedup_vs_dense", "speedup_q1", "speedup_q3",
+               "ideal_speedup", "share_of_ideal", "timed_padding_share"]  # fmt: skip
     if "ideal_speedup" not in table:
         return pd.DataFrame(columns=columns)
     rows = table[table.ideal_speedup.notna() & table.speedup_vs_dense.notna()].copy()
@@ -389,16 +389,19 @@ def sparse_execution_section(table: pd.DataFrame, markdown_table) -> list[str]:
                 if pd.notna(r.timed_padding_share) and r.timed_padding_share >= NOTABLE_PADDING:
                     notes.append(f"{r.timed_padding_share:.0%} padding")
                 share = f" ({', '.join(notes)})" if notes else ""
-                row[TASK_LABELS.get(task, task)] = f"{r.speedup_vs_dense:.2f}× of {r.ideal_speedup:.2f}×{share}"
+                spread = f" [{r.speedup_q1:.2f}–{r.speedup_q3:.2f}]" if pd.notna(r.speedup_q1) else ""
+                row[TASK_LABELS.get(task, task)] = f"{r.speedup_vs_dense:.2f}×{spread} of {r.ideal_speedup:.2f}×{share}"
             else:
                 row[TASK_LABELS.get(task, task)] = "–"
         rows.append(row)
     return [
         "### Token routing: realized against ideal speedup",
         "",
-        "Each cell: the paired speedup over dense · of the ideal one, dense FLOPs over the FLOPs the variant's routing "
-        "left on the same timed batches (matmuls of projections, attention and MLP; a skipped token still pays its "
-        "keys and values, except at a reuse slot, or with skip mlp the whole attention) · in brackets the share of the ideal gain realized, "
+        "Each cell: the paired speedup over dense, in square brackets the quartiles of its timing rounds' ratios "
+        "(their spread in the one process: another run's median may land anywhere near that range) · of the ideal "
+        "one, dense FLOPs over the FLOPs the variant's routing left on the same timed batches (matmuls of "
+        "projections, attention and MLP; a skipped token still pays its keys and values, except at a reuse slot, or "
+        "with skip mlp the whole attention) · in round brackets the share of the ideal gain realized, "
         "(speedup − 1) / (ideal − 1). Norms, routers, gathering and scattering tokens and timing noise (see the "
         "`dense` row above) are what separates the two. Where the timed batches hold notable padding (given in "
         f"the cell from {NOTABLE_PADDING:.0%}), dense computes it and token routing drops it while the ideal leaves it "

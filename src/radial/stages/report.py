@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +34,8 @@ TABLE_COLUMNS = [
     "forward_tokens",
     "speedup_vs_dense",
     "speedup_measured",
+    "speedup_q1",
+    "speedup_q3",
     "ideal_speedup",
     "timed_padding_share",
     "timing_contended",
@@ -95,9 +98,12 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     """
     rows = []
     for e in evaluations:
-        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in ("speedup_vs_dense", "speedup_measured", *FROM_TIMING)}
+        derived = ("speedup_vs_dense", "speedup_measured", "speedup_q1", "speedup_q3", *FROM_TIMING)
+        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in derived}
         timing = e.get("timing") or {}
-        rows.append(row | {column: timing.get(key) for column, key in FROM_TIMING.items()})
+        q1, q3 = _quartiles(timing.get("round_ratios") or [])
+        from_timing = {column: timing.get(key) for column, key in FROM_TIMING.items()}
+        rows.append(row | from_timing | {"speedup_q1": q1, "speedup_q3": q3})
     table = pd.DataFrame(rows)
     throughput = table.forward_tokens / table.forward_time_s.where(table.forward_time_s > 0)
     dense_throughput = dict(zip(table.task[table.variant == "dense"], throughput[table.variant == "dense"]))
@@ -110,6 +116,15 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     table["speedup_measured"] = ["paired" if p else ("throughput" if pd.notna(s) else None)
                                  for p, s in zip(paired, by_throughput)]
     return table[TABLE_COLUMNS].sort_values(["task", "variant"]).reset_index(drop=True)
+
+
+def _quartiles(ratios: list[float]) -> tuple[float | None, float | None]:
+    """The first and third quartiles of a paired timing's round ratios: the spread of the median
+    speedup's rounds within its process (None for fewer than 4 rounds)."""
+    if len(ratios) < 4:
+        return None, None
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 def subtask_table(evaluations: list[dict]) -> pd.DataFrame:
