@@ -96,10 +96,11 @@ def build_table(evaluations: list[dict]) -> pd.DataFrame:
     tokens per second of model forward time in its evaluation over dense's in dense's evaluation.
     Separate processes vary by 10-30 % at the embedded model's size, so throughput ratios are rough.
     """
+    derived = ("speedup_vs_dense", "speedup_measured", "speedup_q1", "speedup_q3", *FROM_TIMING)
+    own_columns = [column for column in TABLE_COLUMNS if column not in derived]
     rows = []
     for e in evaluations:
-        derived = ("speedup_vs_dense", "speedup_measured", "speedup_q1", "speedup_q3", *FROM_TIMING)
-        row = {c: e.get(c) for c in TABLE_COLUMNS if c not in derived}
+        row = {c: e.get(c) for c in own_columns}
         timing = e.get("timing") or {}
         q1, q3 = _quartiles(timing.get("round_ratios") or [])
         from_timing = {column: timing.get(key) for column, key in FROM_TIMING.items()}
